@@ -1,0 +1,290 @@
+"""keel's settings registry: every setting declared once, one precedence rule.
+
+Precedence: explicit override (CLI flag) > environment variable > YAML config file > default.
+Each :class:`Setting` names its environment variable, its config-file key, its type,
+its default and what it means; ``keel serve --help`` and docs/configuration.md are
+generated from / checked against this table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from keel.errors import ConfigError
+
+__all__ = [
+    "SETTINGS",
+    "FallbackConfig",
+    "ModelConfig",
+    "Setting",
+    "Settings",
+    "load_settings",
+    "resolve_secret",
+]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented setting."""
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return "KEEL_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("config", str, None, "Path of the YAML config file (default: ./keel.yaml if present)."),
+    Setting("database_url", str, "sqlite:///.keel/keel.db", "`sqlite:///path` or `postgresql://user@host:port/db`."),
+    Setting("redis_url", str, None, "When set, key caches (and later limits, budgets, caches) are shared across replicas."),
+    Setting("master_key", str, None, "Admin bearer key. When unset, generated into <data_dir>/master_key (mode 0600)."),
+    Setting("data_dir", str, ".keel", "Directory for the SQLite database, the generated master key and local state."),
+    Setting("host", str, "127.0.0.1", "Address `keel serve` binds."),
+    Setting("port", int, 4000, "Port `keel serve` listens on."),
+    Setting("workers", int, 1, "Number of server processes."),
+    Setting("log_level", str, "info", "Log level: debug, info, warning, error."),
+    Setting("max_request_bytes", int, 20 * 1024 * 1024, "Largest accepted request body; larger bodies get 413."),
+    Setting("trace_queue_size", int, 100_000, "Capacity of the in-memory trace queue; when full, records are dropped and counted."),
+    Setting("trace_batch_size", int, 1000, "Most records the trace writer inserts in one transaction."),
+    Setting("trace_flush_interval_s", float, 0.25, "Longest a record waits in the queue before the writer flushes."),
+    Setting("store_bodies", bool, True, "Store request and response bodies on spans."),
+    Setting("key_refresh_s", float, 5.0, "Interval of the background key-cache refresh (a safety net beside pub/sub)."),
+    Setting("upstream_timeout_s", float, 600.0, "Default total timeout of one upstream call."),
+    Setting("upstream_connect_timeout_s", float, 10.0, "Default connect timeout of one upstream call."),
+    Setting("retention_days", float, 0.0, "Delete traces older than this many days (0 keeps them forever)."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+_MODEL_KEYS = {"models", "routing"}
+
+
+def resolve_secret(value: str | None, key: str) -> str | None:
+    """Resolve ``os.environ/NAME`` references; literal values pass through."""
+    if value is None or not value.startswith("os.environ/"):
+        return value
+    name = value.removeprefix("os.environ/")
+    resolved = os.environ.get(name)
+    if resolved is None:
+        raise ConfigError(key, f"environment variable {name} is not set")
+    return resolved
+
+
+class ModelConfig(BaseModel):
+    """One deployment of a public model name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="What clients send as `model`.")
+    provider: str = Field(min_length=1, description="openai | anthropic | openai-compatible | local | plugin name")
+    model: str | None = Field(default=None, description="Upstream model id (defaults to name).")
+    api_base: str | None = None
+    api_key: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+    priority: int = 1
+    timeout_s: float | None = Field(default=None, gt=0)
+    connect_timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=0, ge=0, le=10)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    input_cost_per_mtok: float | None = Field(default=None, ge=0)
+    output_cost_per_mtok: float | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, gt=0, description="Default max_tokens (Anthropic requires one).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Provider-specific options.")
+
+    @field_validator("api_base")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model or self.name
+
+
+class FallbackConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class _FileShape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(default_factory=list)
+    routing: FallbackConfig = Field(default_factory=FallbackConfig)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Build with :func:`load_settings`; immutable."""
+
+    config: str | None = None
+    database_url: str = "sqlite:///.keel/keel.db"
+    redis_url: str | None = None
+    master_key: str | None = None
+    data_dir: str = ".keel"
+    host: str = "127.0.0.1"
+    port: int = 4000
+    workers: int = 1
+    log_level: str = "info"
+    max_request_bytes: int = 20 * 1024 * 1024
+    trace_queue_size: int = 100_000
+    trace_batch_size: int = 1000
+    trace_flush_interval_s: float = 0.25
+    store_bodies: bool = True
+    key_refresh_s: float = 5.0
+    upstream_timeout_s: float = 600.0
+    upstream_connect_timeout_s: float = 10.0
+    retention_days: float = 0.0
+    models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def with_overrides(self, **kw: Any) -> Settings:
+        return replace(self, **kw)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _coerce(setting: Setting, raw: Any, source: str) -> Any:
+    key = f"{source}{setting.name}" if source != "env " else setting.env
+    if raw is None:
+        return None
+    try:
+        if setting.type is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(f"expected a boolean, got {raw!r}")
+        if setting.type is int:
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if setting.type is float:
+            return float(raw)
+        if not isinstance(raw, str | int | float):
+            raise ValueError(f"expected a string, got {type(raw).__name__}")
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key, str(exc) if "expected" in str(exc) else f"expected {setting.type.__name__}, got {raw!r}") from None
+
+
+def _format_validation_error(exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    parts: list[str] = []
+    for loc in err["loc"]:
+        if isinstance(loc, int):
+            parts[-1] = f"{parts[-1]}[{loc}]" if parts else f"[{loc}]"
+        else:
+            parts.append(str(loc))
+    key = ".".join(parts) or "<root>"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return ConfigError(key, msg)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("config", f"{path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must contain a mapping at the top level")
+    return data
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve settings: overrides > environment > config file > defaults.
+
+    Raises :class:`ConfigError` naming the offending key on any invalid value.
+    """
+    env = os.environ if env is None else env
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    path_value = overrides.get("config") or env.get("KEEL_CONFIG") or config_path
+    if path_value is None and Path("keel.yaml").exists():
+        path_value = "keel.yaml"
+    file_data: dict[str, Any] = _read_file(Path(path_value)) if path_value else {}
+
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        if s.name in overrides:
+            values[s.name] = _coerce(s, overrides[s.name], "--")
+        elif s.env in env:
+            values[s.name] = _coerce(s, env[s.env], "env ")
+        elif s.name in file_data:
+            values[s.name] = _coerce(s, file_data[s.name], "")
+        else:
+            values[s.name] = s.default
+    values["config"] = str(path_value) if path_value else None
+
+    unknown = set(file_data) - set(_BY_NAME) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown key")
+    try:
+        shape = _FileShape.model_validate({k: file_data[k] for k in _MODEL_KEYS if k in file_data})
+    except ValidationError as exc:
+        raise _format_validation_error(exc) from None
+
+    models = []
+    seen: set[tuple[str, str, str | None]] = set()
+    for i, m in enumerate(shape.models):
+        api_key = resolve_secret(m.api_key, f"models[{i}].api_key")
+        ident = (m.name, m.upstream_model, m.api_base)
+        if ident in seen:
+            raise ConfigError(f"models[{i}]", f"duplicate deployment of {m.name!r}")
+        seen.add(ident)
+        models.append(m.model_copy(update={"api_key": api_key}))
+    names = {m.name for m in models}
+    fallbacks: dict[str, tuple[str, ...]] = {}
+    for name, targets in shape.routing.fallbacks.items():
+        for t in targets:
+            if t not in names:
+                raise ConfigError(f"routing.fallbacks.{name}", f"unknown model {t!r}")
+        fallbacks[name] = tuple(targets)
+
+    for s in SETTINGS:
+        v = values[s.name]
+        if s.type in (int, float) and v is not None and v < 0:
+            raise ConfigError(s.name, "must not be negative")
+    if values["port"] > 65535:
+        raise ConfigError("port", "must be at most 65535")
+    if values["workers"] < 1:
+        raise ConfigError("workers", "must be at least 1")
+    db = values["database_url"]
+    if not db.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
+        raise ConfigError("database_url", "must start with sqlite:/// or postgresql://")
+
+    known = {f.name for f in fields(Settings)}
+    return Settings(**{k: v for k, v in values.items() if k in known}, models=tuple(models), fallbacks=fallbacks)

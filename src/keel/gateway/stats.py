@@ -1,0 +1,82 @@
+"""Gateway counters and histograms, kept as plain numbers on the hot path and exported lazily.
+
+Observing a request is a few dict and list operations; /metrics turns them into Prometheus
+families only when scraped.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+__all__ = ["GatewayStats", "Histogram"]
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.buckets, v)] += 1
+        self.sum += v
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        acc = 0
+        for b, c in zip(self.buckets, self.counts, strict=False):
+            acc += c
+            out.append((repr(b), acc))
+        acc += self.counts[-1]
+        out.append(("+Inf", acc))
+        return out
+
+
+class GatewayStats:
+    """All the gateway's metrics, one instance per process."""
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)
+        self.overhead: defaultdict[str, Histogram] = defaultdict(Histogram)
+        self.ttft: defaultdict[str, Histogram] = defaultdict(Histogram)
+        self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.gauges: dict[str, Any] = {}
+        self.counters: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Any]:
+        c = CounterMetricFamily("keel_requests", "Gateway requests by route, model and status", labels=["route", "model", "status"])
+        for (route, model, status), n in list(self.requests.items()):
+            c.add_metric([route, model, status], n)
+        yield c
+        e = CounterMetricFamily("keel_errors", "Gateway errors by route and code", labels=["route", "code"])
+        for (route, code), n in list(self.errors.items()):
+            e.add_metric([route, code], n)
+        yield e
+        t = CounterMetricFamily("keel_tokens", "Tokens by model and direction", labels=["model", "direction"])
+        for (model, direction), n in list(self.tokens.items()):
+            t.add_metric([model, direction], n)
+        yield t
+        for name, doc, hists in (
+            ("keel_request_duration_seconds", "End-to-end request latency", self.latency),
+            ("keel_overhead_seconds", "Latency keel adds on top of the upstream call", self.overhead),
+            ("keel_ttft_seconds", "Time to first token of streams", self.ttft),
+        ):
+            h = HistogramMetricFamily(name, doc, labels=["route"])
+            for route, hist in list(hists.items()):
+                h.add_metric([route], hist.cumulative(), sum_value=hist.sum)
+            yield h
+        for name, (doc, fn) in self.gauges.items():
+            yield GaugeMetricFamily(name, doc, value=fn())
+        for name, (doc, fn) in self.counters.items():
+            yield CounterMetricFamily(name, doc, value=fn())

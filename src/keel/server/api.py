@@ -1,0 +1,234 @@
+"""The JSON management API under /api (keys, projects, traces), described at /openapi.json."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from keel.gateway.auth import bearer_token
+from keel.store import TraceFilter
+from keel.types import Principal
+
+__all__ = ["build_api_router", "principal_from_request"]
+
+
+class KeyCreate(BaseModel):
+    project: str = Field(default="default", description="Project name or id (created when missing).")
+    name: str = Field(default="default", min_length=1, max_length=200)
+    models: list[str] | None = Field(default=None, description="Allowed model names; null allows every model.")
+    metadata: dict[str, Any] | None = None
+
+
+class KeyOut(BaseModel):
+    id: str
+    project_id: str
+    project: str
+    name: str
+    key_prefix: str
+    models: list[str] | None
+    metadata: dict[str, Any]
+    created_at: str | None
+    revoked_at: str | None
+    status: str
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The secret key. Shown once; only its hash is stored.")
+
+
+class ProjectCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class ProjectOut(BaseModel):
+    id: str
+    name: str
+    created_at: str | None
+
+
+class SpanOut(BaseModel):
+    span_id: str
+    trace_id: str
+    parent_span_id: str | None
+    name: str
+    kind: str
+    start_time: str | None
+    end_time: str | None
+    latency_ms: float
+    ttft_ms: float | None
+    status: str
+    status_code: int | None
+    error: str | None
+    model: str | None
+    requested_model: str | None
+    provider: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int
+    cost_usd: float | None
+    priced: bool
+    user: str | None
+    input: Any
+    output: Any
+    attributes: dict[str, Any]
+
+
+class TraceOut(BaseModel):
+    trace_id: str
+    project_id: str | None
+    key_id: str | None
+    name: str
+    start_time: str | None
+    end_time: str | None
+    latency_ms: float
+    status: str
+    model: str | None
+    provider: str | None
+    user: str | None
+    session_id: str | None
+    tags: list[str]
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    cost_usd: float | None
+    error: str | None
+    span_count: int
+
+
+class TraceDetail(TraceOut):
+    spans: list[SpanOut]
+
+
+class TracePage(BaseModel):
+    data: list[TraceOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page.")
+
+
+def principal_from_request(request: Request) -> Principal:
+    """Authenticate an /api request from its bearer key (memory only)."""
+    keys = request.app.state.keel.keys
+    key = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    if key is None:
+        raise HTTPException(401, detail={"message": "missing API key", "type": "authentication_error", "code": "missing_api_key"})
+    p = keys.lookup(key)
+    if p is None:
+        raise HTTPException(401, detail={"message": "invalid API key", "type": "authentication_error", "code": "invalid_api_key"})
+    return p
+
+
+Caller = Annotated[Principal, Depends(principal_from_request)]
+
+
+def _require_admin(p: Principal) -> None:
+    if not p.is_master:
+        raise HTTPException(403, detail={"message": "this action needs the master key", "type": "permission_error", "code": "forbidden"})
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPException(
+            400, detail={"message": f"'{name}' must be an ISO 8601 time", "type": "invalid_request_error", "code": "invalid_time"}
+        ) from None
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(UTC).replace(tzinfo=None)
+    return dt
+
+
+def build_api_router() -> APIRouter:
+    r = APIRouter(prefix="/api")
+
+    @r.get("/keys", response_model=list[KeyOut], tags=["keys"], summary="List virtual keys")
+    def list_keys(request: Request, p: Caller, project: str | None = None) -> list[dict[str, Any]]:
+        _require_admin(p)
+        store = request.app.state.keel.store
+        pid = None
+        if project:
+            proj = store.get_project(project)
+            if proj is None:
+                raise HTTPException(404, detail={"message": f"project {project!r} not found", "type": "invalid_request_error", "code": "not_found"})
+            pid = proj["id"]
+        return [k.public() for k in store.list_keys(project_id=pid)]
+
+    @r.post("/keys", response_model=KeyCreated, status_code=201, tags=["keys"], summary="Create a virtual key (shown once)")
+    async def create_key(request: Request, body: KeyCreate, p: Caller) -> dict[str, Any]:
+        _require_admin(p)
+        keel = request.app.state.keel
+        secret, row = await run_in_threadpool(keel.store.create_key, body.project, body.name, body.models, body.metadata)
+        await keel.keys.changed()
+        return {**row.public(), "key": secret}
+
+    @r.delete("/keys/{key_id}", response_model=KeyOut, tags=["keys"], summary="Revoke a virtual key")
+    async def revoke_key(request: Request, key_id: str, p: Caller) -> dict[str, Any]:
+        _require_admin(p)
+        keel = request.app.state.keel
+        row = await run_in_threadpool(keel.store.revoke_key, key_id)
+        if row is None:
+            raise HTTPException(404, detail={"message": f"key {key_id!r} not found", "type": "invalid_request_error", "code": "not_found"})
+        await keel.keys.changed()
+        return row.public()
+
+    @r.get("/projects", response_model=list[ProjectOut], tags=["projects"])
+    def list_projects(request: Request, p: Caller) -> list[dict[str, Any]]:
+        store = request.app.state.keel.store
+        projects: list[dict[str, Any]] = store.list_projects()
+        return projects if p.is_master else [x for x in projects if x["id"] == p.project_id]
+
+    @r.post("/projects", response_model=ProjectOut, status_code=201, tags=["projects"])
+    def create_project(request: Request, body: ProjectCreate, p: Caller) -> dict[str, Any]:
+        _require_admin(p)
+        store = request.app.state.keel.store
+        store.ensure_project(body.name)
+        proj: dict[str, Any] = store.get_project(body.name)
+        return proj
+
+    @r.get("/traces", response_model=TracePage, tags=["traces"], summary="List traces, newest first")
+    def list_traces(
+        request: Request,
+        p: Caller,
+        model: str | None = None,
+        status: Annotated[str | None, Query(pattern="^(ok|error)$")] = None,
+        user: str | None = None,
+        session: str | None = None,
+        tag: str | None = None,
+        start: Annotated[str | None, Query(description="ISO 8601; traces starting at or after")] = None,
+        end: Annotated[str | None, Query(description="ISO 8601; traces starting before")] = None,
+        project: str | None = Query(default=None, description="Project id (master key only)"),
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        store = request.app.state.keel.store
+        pid = p.project_id if not p.is_master else project
+        f = TraceFilter(
+            project_id=pid,
+            model=model,
+            status=status,
+            user=user,
+            session=session,
+            tag=tag,
+            start=_parse_time(start, "start"),
+            end=_parse_time(end, "end"),
+        )
+        try:
+            rows, nxt = store.list_traces(f, limit=limit, cursor=cursor)
+        except ValueError:
+            raise HTTPException(400, detail={"message": "invalid cursor", "type": "invalid_request_error", "code": "invalid_cursor"}) from None
+        return {"data": rows, "next_cursor": nxt}
+
+    @r.get("/traces/{trace_id}", response_model=TraceDetail, tags=["traces"], summary="One trace with its spans")
+    def get_trace(request: Request, trace_id: str, p: Caller) -> dict[str, Any]:
+        store = request.app.state.keel.store
+        t = store.get_trace(trace_id.lower(), project_id=None if p.is_master else p.project_id)
+        if t is None:
+            raise HTTPException(404, detail={"message": f"trace {trace_id!r} not found", "type": "invalid_request_error", "code": "not_found"})
+        out: dict[str, Any] = t
+        return out
+
+    return r

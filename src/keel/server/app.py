@@ -1,0 +1,221 @@
+"""The app factory: `create_app(settings, store=..., factories=...)` builds keel's ASGI app.
+
+The gateway's routes are served by raw ASGI handlers in front of FastAPI (nothing in their
+way); everything else — /api, /metrics, /openapi.json, the UI — goes to the FastAPI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+import keel
+from keel.config import SETTINGS, ModelConfig, Settings
+from keel.gateway.asgi import Receive, Scope, Send, send_bytes
+from keel.gateway.auth import KeyCache
+from keel.gateway.core import Gateway
+from keel.gateway.routing import ModelTable
+from keel.gateway.stats import GatewayStats
+from keel.plugins import provider_factories
+from keel.providers.local import local_available
+from keel.server.api import build_api_router, principal_from_request
+from keel.server.masterkey import resolve_master_key
+from keel.store import Store, utcnow
+from keel.tracing import TraceWriter
+
+__all__ = ["KeelApp", "KeelState", "create_app", "effective_models"]
+
+log = logging.getLogger("keel.server")
+
+
+def effective_models(settings: Settings) -> tuple[ModelConfig, ...]:
+    """Configured models; with none configured, the bundled local model when it is installed."""
+    if settings.models:
+        return settings.models
+    if local_available():
+        return (ModelConfig(name="local", provider="local", model="SmolLM2-135M-Instruct"),)
+    return ()
+
+
+@dataclass
+class KeelState:
+    settings: Settings
+    store: Store
+    keys: KeyCache
+    models: ModelTable
+    writer: TraceWriter
+    gateway: Gateway
+    stats: GatewayStats
+    master_key: str
+
+
+class _Collector:
+    def __init__(self, stats: GatewayStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Any:
+        return self.stats.collect()
+
+
+class KeelApp:
+    """keel's ASGI application: hot-path routes first, then the FastAPI app."""
+
+    def __init__(self, state: KeelState, api: FastAPI) -> None:
+        self.state = state
+        self.api = api
+        gw = state.gateway
+        self._fast = {
+            "/v1/chat/completions": gw.chat_completions,
+            "/chat/completions": gw.chat_completions,
+            "/v1/models": gw.list_models,
+            "/health": self._health,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self._fast.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_bytes(send, 200, b'{"status":"ok"}', [])
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    factories: dict[str, Any] | None = None,
+) -> KeelApp:
+    """Build the app. Collaborators (store, provider factories) may be injected, e.g. by tests."""
+    store = store or Store.from_url(database_url(settings))
+    master_key, _ = resolve_master_key(settings)
+    factories = factories if factories is not None else provider_factories()
+    models = ModelTable.build(settings, factories, effective_models(settings))
+    keys = KeyCache(store, master_key, redis_url=settings.redis_url, refresh_s=settings.key_refresh_s)
+    writer = TraceWriter(
+        store,
+        max_queue=settings.trace_queue_size,
+        batch_size=settings.trace_batch_size,
+        flush_interval_s=settings.trace_flush_interval_s,
+        store_bodies=settings.store_bodies,
+    )
+    stats = GatewayStats()
+    stats.gauges["keel_trace_queue_depth"] = ("Trace records waiting to be written", lambda: writer.depth)
+    stats.counters["keel_trace_dropped"] = ("Trace records dropped because the queue was full", lambda: writer.stats.dropped)
+    stats.counters["keel_trace_written"] = ("Spans written to the trace store", lambda: writer.stats.written)
+    stats.counters["keel_trace_write_failed"] = ("Spans lost to repeated database failures", lambda: writer.stats.failed)
+    stats.counters["keel_unpriced_spans"] = ("LLM spans whose cost could not be priced", lambda: writer.stats.unpriced)
+    gateway = Gateway(settings, keys, models, writer, stats)
+    state = KeelState(settings, store, keys, models, writer, gateway, stats, master_key)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(stats))  # type: ignore[arg-type]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await keys.start()
+        writer.start()
+        retention = asyncio.get_running_loop().create_task(_retention(state)) if settings.retention_days > 0 else None
+        try:
+            yield
+        finally:
+            if retention:
+                retention.cancel()
+            await writer.stop()
+            await keys.stop()
+            await models.aclose()
+
+    api = FastAPI(
+        title="keel",
+        version=keel.__version__,
+        description="keel's gateway and management API. Authenticate with `Authorization: Bearer <key>`.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    api.state.keel = state
+    api.include_router(build_api_router())
+    _document_gateway(api)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail), "type": "invalid_request_error", "code": _code(exc.status_code)}
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", "invalid request"))
+        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "code": "invalid_request"}}, status_code=400)
+
+    @api.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        principal_from_request(request)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    from keel.ui import mount_ui
+
+    mount_ui(api)
+    return KeelApp(state, api)
+
+
+def _code(status: int) -> str:
+    return {401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(status, "error")
+
+
+def database_url(settings: Settings) -> str:
+    """The database URL; the default SQLite file follows `data_dir` when only that was changed."""
+    default = next(s.default for s in SETTINGS if s.name == "database_url")
+    if settings.database_url == default and settings.data_dir != ".keel":
+        return f"sqlite:///{settings.data_dir}/keel.db"
+    return settings.database_url
+
+
+async def _retention(state: KeelState) -> None:
+    while True:
+        try:
+            cutoff = utcnow() - timedelta(days=state.settings.retention_days)
+            n = await asyncio.to_thread(state.store.delete_traces_before, cutoff)
+            if n:
+                log.info("retention: deleted %d traces older than %s", n, cutoff)
+        except Exception:
+            log.exception("retention sweep failed")
+        await asyncio.sleep(3600)
+
+
+def _document_gateway(api: FastAPI) -> None:
+    """Describe the raw-ASGI gateway routes in /openapi.json (they are served before FastAPI)."""
+    from pydantic import BaseModel, ConfigDict
+
+    class ChatCompletionRequest(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        model: str
+        messages: list[dict[str, Any]]
+        stream: bool = False
+
+    @api.post("/v1/chat/completions", tags=["gateway"], summary="OpenAI-compatible chat completions (SSE when stream=true)")
+    def _chat(body: ChatCompletionRequest) -> dict[str, Any]:  # pragma: no cover - served by the gateway
+        raise HTTPException(500)
+
+    @api.get("/v1/models", tags=["gateway"], summary="OpenAI-compatible model list")
+    def _models() -> dict[str, Any]:  # pragma: no cover - served by the gateway
+        raise HTTPException(500)
+
+    @api.get("/health", tags=["gateway"], summary="Liveness")
+    def _health() -> dict[str, Any]:  # pragma: no cover - served before FastAPI
+        return orjson.loads(b'{"status":"ok"}')  # type: ignore[no-any-return]

@@ -1,0 +1,472 @@
+"""The store's operations: projects, API keys, trace writes and trace queries.
+
+Synchronous SQLAlchemy; async callers run these in a thread (the trace writer, the API).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from keel.store.engine import make_engine, migrate
+from keel.store.models import ApiKey, Project, Span, Trace, TraceTag
+
+__all__ = ["KeyRow", "Store", "TraceFilter", "hash_key", "new_key_secret", "utcnow"]
+
+KEY_PREFIX = "sk-keel-"
+
+
+def utcnow() -> datetime:
+    """Naive UTC now (the store keeps naive UTC on both dialects)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def from_epoch(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC).replace(tzinfo=None)
+
+
+def iso(dt: datetime | None) -> str | None:
+    return None if dt is None else dt.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+
+
+def hash_key(secret: str) -> str:
+    """Keys are stored as SHA-256 hex digests: they are high-entropy, so no KDF is needed."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    id: str
+    project_id: str
+    project_name: str
+    name: str
+    key_hash: str
+    key_prefix: str
+    allowed_models: list[str] | None
+    created_at: datetime
+    revoked_at: datetime | None
+    metadata: dict[str, Any] | None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "project_id": self.project_id,
+            "project": self.project_name,
+            "name": self.name,
+            "key_prefix": self.key_prefix,
+            "models": self.allowed_models,
+            "metadata": self.metadata or {},
+            "created_at": iso(self.created_at),
+            "revoked_at": iso(self.revoked_at),
+            "status": "revoked" if self.revoked_at else "active",
+        }
+
+
+@dataclass
+class TraceFilter:
+    project_id: str | None = None  # None: every project (master key)
+    model: str | None = None
+    status: str | None = None
+    user: str | None = None
+    session: str | None = None
+    tag: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    key_id: str | None = None
+
+
+def _encode_cursor(dt: datetime, trace_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{dt.isoformat()}|{trace_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        pad = "=" * (-len(cursor) % 4)
+        raw = base64.urlsafe_b64decode(cursor + pad).decode()
+        ts, tid = raw.split("|", 1)
+        return datetime.fromisoformat(ts), tid
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("invalid cursor") from exc
+
+
+def _trace_dict(t: Trace) -> dict[str, Any]:
+    return {
+        "trace_id": t.trace_id,
+        "project_id": t.project_id,
+        "key_id": t.key_id,
+        "name": t.name,
+        "start_time": iso(t.start_time),
+        "end_time": iso(t.end_time),
+        "latency_ms": round(t.latency_ms, 3),
+        "status": t.status,
+        "model": t.model,
+        "provider": t.provider,
+        "user": t.user_id,
+        "session_id": t.session_id,
+        "tags": t.tags or [],
+        "input_tokens": t.input_tokens,
+        "output_tokens": t.output_tokens,
+        "total_tokens": (t.input_tokens or 0) + (t.output_tokens or 0),
+        "cost_usd": t.cost_usd,
+        "error": t.error,
+        "span_count": t.span_count,
+    }
+
+
+def _span_dict(s: Span) -> dict[str, Any]:
+    return {
+        "span_id": s.span_id,
+        "trace_id": s.trace_id,
+        "parent_span_id": s.parent_span_id,
+        "name": s.name,
+        "kind": s.kind,
+        "start_time": iso(s.start_time),
+        "end_time": iso(s.end_time),
+        "latency_ms": round(s.latency_ms, 3),
+        "ttft_ms": None if s.ttft_ms is None else round(s.ttft_ms, 3),
+        "status": s.status,
+        "status_code": s.status_code,
+        "error": s.error,
+        "model": s.model,
+        "requested_model": s.requested_model,
+        "provider": s.provider,
+        "input_tokens": s.input_tokens,
+        "output_tokens": s.output_tokens,
+        "total_tokens": (s.input_tokens or 0) + (s.output_tokens or 0),
+        "cost_usd": s.cost_usd,
+        "priced": s.priced,
+        "user": s.user_id,
+        "input": s.input,
+        "output": s.output,
+        "attributes": s.attributes or {},
+    }
+
+
+class Store:
+    """All database access of keel goes through here."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str, *, run_migrations: bool = True) -> Store:
+        engine = make_engine(url)
+        if run_migrations:
+            migrate(engine)
+        return cls(engine)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- projects ---------------------------------------------------------------------------------
+
+    def ensure_project(self, name: str) -> str:
+        """Return the id of project ``name``, creating it when missing."""
+        with Session(self.engine) as s, s.begin():
+            row = s.scalar(select(Project).where(Project.name == name))
+            if row:
+                return row.id
+            pid = "proj_" + uuid.uuid4().hex[:16]
+            s.add(Project(id=pid, name=name, created_at=utcnow()))
+        return pid
+
+    def list_projects(self) -> list[dict[str, Any]]:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(Project).order_by(Project.name)).all()
+            return [{"id": p.id, "name": p.name, "created_at": iso(p.created_at)} for p in rows]
+
+    def get_project(self, ref: str) -> dict[str, Any] | None:
+        """Find a project by id or by name."""
+        with Session(self.engine) as s:
+            p = s.scalar(select(Project).where(or_(Project.id == ref, Project.name == ref)))
+            return None if p is None else {"id": p.id, "name": p.name, "created_at": iso(p.created_at)}
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def create_key(
+        self,
+        project: str,
+        name: str,
+        models: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[str, KeyRow]:
+        """Create a virtual key in ``project`` (by name, created when missing). Returns (secret, row)."""
+        pid = self.ensure_project(project) if not project.startswith("proj_") else project
+        if self.get_project(pid) is None:
+            raise LookupError(f"project {project!r} does not exist")
+        secret = new_key_secret()
+        kid = "key_" + uuid.uuid4().hex[:16]
+        with Session(self.engine) as s, s.begin():
+            s.add(
+                ApiKey(
+                    id=kid,
+                    project_id=pid,
+                    name=name,
+                    key_hash=hash_key(secret),
+                    key_prefix=secret[: len(KEY_PREFIX) + 4],
+                    allowed_models=list(models) if models else None,
+                    metadata_=metadata or None,
+                    created_at=utcnow(),
+                )
+            )
+        row = self.get_key(kid)
+        assert row is not None
+        return secret, row
+
+    def _key_rows(self, where: Any = None) -> list[KeyRow]:
+        stmt = select(ApiKey, Project.name).join(Project, Project.id == ApiKey.project_id)
+        if where is not None:
+            stmt = stmt.where(where)
+        with Session(self.engine) as s:
+            return [
+                KeyRow(
+                    id=k.id,
+                    project_id=k.project_id,
+                    project_name=pname,
+                    name=k.name,
+                    key_hash=k.key_hash,
+                    key_prefix=k.key_prefix,
+                    allowed_models=k.allowed_models,
+                    created_at=k.created_at,
+                    revoked_at=k.revoked_at,
+                    metadata=k.metadata_,
+                )
+                for k, pname in s.execute(stmt.order_by(ApiKey.created_at, ApiKey.id)).all()
+            ]
+
+    def get_key(self, key_id: str) -> KeyRow | None:
+        rows = self._key_rows(ApiKey.id == key_id)
+        return rows[0] if rows else None
+
+    def list_keys(self, project_id: str | None = None, include_revoked: bool = True) -> list[KeyRow]:
+        conds = []
+        if project_id:
+            conds.append(ApiKey.project_id == project_id)
+        if not include_revoked:
+            conds.append(ApiKey.revoked_at.is_(None))
+        return self._key_rows(and_(*conds) if conds else None)
+
+    def active_keys(self) -> list[KeyRow]:
+        return self.list_keys(include_revoked=False)
+
+    def revoke_key(self, key_id: str) -> KeyRow | None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(
+                update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+            )
+        return self.get_key(key_id)
+
+    # -- traces: writes ---------------------------------------------------------------------------
+
+    def write_spans(self, spans: Iterable[dict[str, Any]]) -> int:
+        """Insert finished spans and fold them into their traces' summary rows, in one transaction.
+
+        A span already stored (same trace_id and span_id) is skipped, so a retried batch is harmless.
+        """
+        batch = list(spans)
+        if not batch:
+            return 0
+        by_trace: dict[str, list[dict[str, Any]]] = {}
+        for sp in batch:
+            by_trace.setdefault(sp["trace_id"], []).append(sp)
+        with Session(self.engine) as s, s.begin():
+            existing_spans = set(
+                s.execute(
+                    select(Span.trace_id, Span.span_id).where(Span.trace_id.in_(list(by_trace)))
+                ).all()
+            )
+            fresh = [sp for sp in batch if (sp["trace_id"], sp["span_id"]) not in existing_spans]
+            if not fresh:
+                return 0
+            s.execute(Span.__table__.insert(), [_span_row(sp) for sp in fresh])
+            traces = {t.trace_id: t for t in s.scalars(select(Trace).where(Trace.trace_id.in_(list(by_trace))))}
+            tag_rows: set[tuple[str, str]] = set()
+            for sp in fresh:
+                t = traces.get(sp["trace_id"])
+                if t is None:
+                    t = Trace(
+                        trace_id=sp["trace_id"],
+                        project_id=sp["project_id"],
+                        key_id=sp["key_id"],
+                        name=sp["name"],
+                        start_time=sp["start_time"],
+                        end_time=sp["end_time"],
+                        latency_ms=0.0,
+                        status="ok",
+                        input_tokens=0,
+                        output_tokens=0,
+                        cost_usd=None,
+                        span_count=0,
+                        tags=[],
+                    )
+                    s.add(t)
+                    traces[t.trace_id] = t
+                _fold(t, sp)
+                for tag in sp.get("tags") or ():
+                    tag_rows.add((sp["trace_id"], tag))
+            s.flush()
+            if tag_rows:
+                have = set(
+                    s.execute(
+                        select(TraceTag.trace_id, TraceTag.tag).where(
+                            TraceTag.trace_id.in_([tid for tid, _ in tag_rows])
+                        )
+                    ).all()
+                )
+                new_tags = [{"trace_id": tid, "tag": tag} for tid, tag in tag_rows if (tid, tag) not in have]
+                if new_tags:
+                    s.execute(TraceTag.__table__.insert(), new_tags)
+        return len(fresh)
+
+    def delete_traces_before(self, cutoff: datetime, batch: int = 1000) -> int:
+        """Delete traces whose start is before ``cutoff``, in batches. Returns how many traces went."""
+        total = 0
+        while True:
+            with Session(self.engine) as s, s.begin():
+                ids = list(s.scalars(select(Trace.trace_id).where(Trace.start_time < cutoff).limit(batch)))
+                if not ids:
+                    return total
+                s.execute(delete(Span).where(Span.trace_id.in_(ids)))
+                s.execute(delete(TraceTag).where(TraceTag.trace_id.in_(ids)))
+                s.execute(delete(Trace).where(Trace.trace_id.in_(ids)))
+                total += len(ids)
+
+    # -- traces: reads ----------------------------------------------------------------------------
+
+    def list_traces(
+        self, f: TraceFilter, *, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first, keyset pagination. Returns (page, next_cursor)."""
+        stmt = select(Trace)
+        conds: list[Any] = []
+        if f.project_id is not None:
+            conds.append(Trace.project_id == f.project_id)
+        if f.model:
+            conds.append(Trace.model == f.model)
+        if f.status:
+            conds.append(Trace.status == f.status)
+        if f.user:
+            conds.append(Trace.user_id == f.user)
+        if f.session:
+            conds.append(Trace.session_id == f.session)
+        if f.key_id:
+            conds.append(Trace.key_id == f.key_id)
+        if f.start:
+            conds.append(Trace.start_time >= f.start)
+        if f.end:
+            conds.append(Trace.start_time < f.end)
+        if f.tag:
+            conds.append(Trace.trace_id.in_(select(TraceTag.trace_id).where(TraceTag.tag == f.tag)))
+        if cursor:
+            cts, ctid = _decode_cursor(cursor)
+            conds.append(or_(Trace.start_time < cts, and_(Trace.start_time == cts, Trace.trace_id < ctid)))
+        if conds:
+            stmt = stmt.where(and_(*conds))
+        stmt = stmt.order_by(Trace.start_time.desc(), Trace.trace_id.desc()).limit(limit + 1)
+        with Session(self.engine) as s:
+            rows = list(s.scalars(stmt))
+        nxt = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            nxt = _encode_cursor(rows[-1].start_time, rows[-1].trace_id)
+        return [_trace_dict(t) for t in rows], nxt
+
+    def count_traces(self, project_id: str | None = None) -> int:
+        stmt = select(func.count()).select_from(Trace)
+        if project_id is not None:
+            stmt = stmt.where(Trace.project_id == project_id)
+        with Session(self.engine) as s:
+            return int(s.scalar(stmt) or 0)
+
+    def get_trace(self, trace_id: str, project_id: str | None = None) -> dict[str, Any] | None:
+        """One trace with its spans (ordered by start), or None (also when in another project)."""
+        with Session(self.engine) as s:
+            t = s.get(Trace, trace_id)
+            if t is None or (project_id is not None and t.project_id != project_id):
+                return None
+            spans = s.scalars(select(Span).where(Span.trace_id == trace_id).order_by(Span.start_time, Span.id))
+            out = _trace_dict(t)
+            out["spans"] = [_span_dict(sp) for sp in spans]
+            return out
+
+    def distinct_models(self, project_id: str | None = None, since_days: int = 30) -> list[str]:
+        stmt = select(Trace.model).where(Trace.model.is_not(None), Trace.start_time >= utcnow() - timedelta(days=since_days))
+        if project_id is not None:
+            stmt = stmt.where(Trace.project_id == project_id)
+        with Session(self.engine) as s:
+            return sorted({m for m in s.scalars(stmt.distinct().limit(200)) if m})
+
+
+def _span_row(sp: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "trace_id": sp["trace_id"],
+        "span_id": sp["span_id"],
+        "parent_span_id": sp.get("parent_span_id"),
+        "project_id": sp.get("project_id"),
+        "key_id": sp.get("key_id"),
+        "name": sp["name"],
+        "kind": sp["kind"],
+        "start_time": sp["start_time"],
+        "end_time": sp["end_time"],
+        "latency_ms": sp["latency_ms"],
+        "ttft_ms": sp.get("ttft_ms"),
+        "status": sp["status"],
+        "status_code": sp.get("status_code"),
+        "error": sp.get("error"),
+        "model": sp.get("model"),
+        "requested_model": sp.get("requested_model"),
+        "provider": sp.get("provider"),
+        "input_tokens": sp.get("input_tokens"),
+        "output_tokens": sp.get("output_tokens"),
+        "cost_usd": sp.get("cost_usd"),
+        "priced": sp.get("priced", True),
+        "user_id": sp.get("user"),
+        "input": sp.get("input"),
+        "output": sp.get("output"),
+        "attributes": sp.get("attributes") or None,
+    }
+
+
+def _fold(t: Trace, sp: dict[str, Any]) -> None:
+    """Fold one span into its trace's summary."""
+    t.span_count = (t.span_count or 0) + 1
+    if sp["start_time"] < t.start_time:
+        t.start_time = sp["start_time"]
+    if sp["end_time"] > t.end_time:
+        t.end_time = sp["end_time"]
+    t.latency_ms = (t.end_time - t.start_time).total_seconds() * 1000.0
+    if sp.get("parent_span_id") is None:
+        t.name = sp["name"]
+    if sp["status"] == "error":
+        t.status = "error"
+        t.error = t.error or sp.get("error")
+    for attr, key in (("project_id", "project_id"), ("key_id", "key_id"), ("user_id", "user"), ("session_id", "session_id")):
+        if getattr(t, attr) is None and sp.get(key) is not None:
+            setattr(t, attr, sp[key])
+    if sp["kind"] == "llm":
+        t.model = t.model or sp.get("model") or sp.get("requested_model")
+        t.provider = t.provider or sp.get("provider")
+        t.input_tokens = (t.input_tokens or 0) + (sp.get("input_tokens") or 0)
+        t.output_tokens = (t.output_tokens or 0) + (sp.get("output_tokens") or 0)
+        if sp.get("cost_usd") is not None:
+            t.cost_usd = (t.cost_usd or 0.0) + sp["cost_usd"]
+    tags = sp.get("tags") or []
+    if tags:
+        t.tags = sorted(set(t.tags or []) | set(tags))
