@@ -208,3 +208,7 @@ def settings_cmd() -> None:
 
 
 
+
+
+if __name__ == "__main__":
+    main()

@@ -69,12 +69,12 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 _MODEL_KEYS = {"models", "routing"}
 
 
-def resolve_secret(value: str | None, key: str) -> str | None:
+def resolve_secret(value: str | None, key: str, env: Mapping[str, str] | None = None) -> str | None:
     """Resolve ``os.environ/NAME`` references; literal values pass through."""
     if value is None or not value.startswith("os.environ/"):
         return value
     name = value.removeprefix("os.environ/")
-    resolved = os.environ.get(name)
+    resolved = (os.environ if env is None else env).get(name)
     if resolved is None:
         raise ConfigError(key, f"environment variable {name} is not set")
     return resolved
@@ -260,7 +260,7 @@ def load_settings(
     models = []
     seen: set[tuple[str, str, str | None]] = set()
     for i, m in enumerate(shape.models):
-        api_key = resolve_secret(m.api_key, f"models[{i}].api_key")
+        api_key = resolve_secret(m.api_key, f"models[{i}].api_key", env)
         ident = (m.name, m.upstream_model, m.api_base)
         if ident in seen:
             raise ConfigError(f"models[{i}]", f"duplicate deployment of {m.name!r}")

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict
 
 import keel
 from keel.config import SETTINGS, ModelConfig, Settings
@@ -198,16 +199,17 @@ async def _retention(state: KeelState) -> None:
         await asyncio.sleep(3600)
 
 
+class ChatCompletionRequest(BaseModel):
+    """OpenAI chat-completions request (every other OpenAI parameter is passed through)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+
+
 def _document_gateway(api: FastAPI) -> None:
     """Describe the raw-ASGI gateway routes in /openapi.json (they are served before FastAPI)."""
-    from pydantic import BaseModel, ConfigDict
-
-    class ChatCompletionRequest(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        model: str
-        messages: list[dict[str, Any]]
-        stream: bool = False
-
     @api.post("/v1/chat/completions", tags=["gateway"], summary="OpenAI-compatible chat completions (SSE when stream=true)")
     def _chat(body: ChatCompletionRequest) -> dict[str, Any]:  # pragma: no cover - served by the gateway
         raise HTTPException(500)

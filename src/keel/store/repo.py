@@ -461,7 +461,7 @@ def _fold(t: Trace, sp: dict[str, Any]) -> None:
         if getattr(t, attr) is None and sp.get(key) is not None:
             setattr(t, attr, sp[key])
     if sp["kind"] == "llm":
-        t.model = t.model or sp.get("model") or sp.get("requested_model")
+        t.model = t.model or sp.get("requested_model") or sp.get("model")
         t.provider = t.provider or sp.get("provider")
         t.input_tokens = (t.input_tokens or 0) + (sp.get("input_tokens") or 0)
         t.output_tokens = (t.output_tokens or 0) + (sp.get("output_tokens") or 0)
