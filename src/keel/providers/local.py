@@ -8,6 +8,7 @@ worker thread, one generation at a time (a llama.cpp context is not thread-safe)
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib.util
 import threading
 import time
@@ -55,12 +56,22 @@ _LLAMAS: dict[str, Any] = {}
 _LLAMA_LOCK = threading.Lock()
 
 
+def _close_all() -> None:
+    # close before interpreter teardown: llama.cpp's finaliser fails once its module globals are gone
+    with _LLAMA_LOCK:
+        for llm in _LLAMAS.values():
+            llm.close()
+        _LLAMAS.clear()
+
+
 def _load(path: Path, n_ctx: int) -> Any:
     with _LLAMA_LOCK:
         key = f"{path}:{n_ctx}"
         if key not in _LLAMAS:
             from llama_cpp import Llama
 
+            if not _LLAMAS:
+                atexit.register(_close_all)
             _LLAMAS[key] = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, n_threads=2, seed=0)
         return _LLAMAS[key]
 
