@@ -29,7 +29,9 @@ from keel.testing import MockProvider
 
 PG_ADMIN_URL = os.environ.get("KEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-BACKENDS = [b.strip() for b in os.environ.get("KEEL_TEST_BACKENDS", "sqlite,postgresql").split(",") if b.strip()]
+BACKENDS = [
+    b.strip() for b in os.environ.get("KEEL_TEST_BACKENDS", "sqlite,postgresql").split(",") if b.strip()
+]
 MASTER_KEY = "sk-keel-master-test-0123456789"
 
 
@@ -44,7 +46,9 @@ class ServerThread:
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -83,7 +87,9 @@ def pg_database() -> Iterator[str]:
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
     except Exception as exc:
-        pytest.fail(f"PostgreSQL leg cannot run: {PG_ADMIN_URL} unreachable ({exc}); set KEEL_TEST_BACKENDS=sqlite to opt out")
+        pytest.fail(
+            f"PostgreSQL leg cannot run: {PG_ADMIN_URL} unreachable ({exc}); set KEEL_TEST_BACKENDS=sqlite to opt out"
+        )
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
@@ -103,7 +109,9 @@ def redis_url() -> str:
         r.ping()
         r.close()
     except Exception as exc:
-        pytest.fail(f"Redis leg cannot run: {REDIS_URL} unreachable ({exc}); set KEEL_TEST_BACKENDS=sqlite to opt out")
+        pytest.fail(
+            f"Redis leg cannot run: {REDIS_URL} unreachable ({exc}); set KEEL_TEST_BACKENDS=sqlite to opt out"
+        )
     return REDIS_URL
 
 
@@ -112,17 +120,49 @@ def test_models(mock: MockProvider) -> tuple[ModelConfig, ...]:
     base = mock.base_url
     models = [
         ModelConfig(name="gpt-4o-mini", provider="openai", api_base=base, api_key="sk-upstream-openai"),
-        ModelConfig(name="claude-haiku", provider="anthropic", model="claude-3-5-haiku-latest", api_base=mock.url, api_key="sk-upstream-anthropic"),
-        ModelConfig(name="cheap", provider="openai-compatible", model="my-finetune", api_base=base, input_cost_per_mtok=1.0, output_cost_per_mtok=2.0),
+        ModelConfig(
+            name="claude-haiku",
+            provider="anthropic",
+            model="claude-3-5-haiku-latest",
+            api_base=mock.url,
+            api_key="sk-upstream-anthropic",
+        ),
+        ModelConfig(
+            name="cheap",
+            provider="openai-compatible",
+            model="my-finetune",
+            api_base=base,
+            input_cost_per_mtok=1.0,
+            output_cost_per_mtok=2.0,
+        ),
         ModelConfig(name="unpriced", provider="openai-compatible", model="mystery-model-x", api_base=base),
-        ModelConfig(name="dead", provider="openai-compatible", model="gpt-4o-mini", api_base=f"http://127.0.0.1:{free_port()}/v1", timeout_s=5),
+        ModelConfig(
+            name="dead",
+            provider="openai-compatible",
+            model="gpt-4o-mini",
+            api_base=f"http://127.0.0.1:{free_port()}/v1",
+            timeout_s=5,
+        ),
     ]
     for fault in ("500", "429", "reset", "badjson", "cut:3", "slow:0.3", "400", "context", "401", "empty"):
-        models.append(ModelConfig(name=f"fault-{fault.split(':')[0]}", provider="openai-compatible", model=f"fault:{fault}", api_base=base))
-    models.append(ModelConfig(name="claude-fault-cut", provider="anthropic", model="fault:cut:6", api_base=mock.url))
-    models.append(ModelConfig(name="claude-fault-500", provider="anthropic", model="fault:500", api_base=mock.url))
+        models.append(
+            ModelConfig(
+                name=f"fault-{fault.split(':')[0]}",
+                provider="openai-compatible",
+                model=f"fault:{fault}",
+                api_base=base,
+            )
+        )
+    models.append(
+        ModelConfig(name="claude-fault-cut", provider="anthropic", model="fault:cut:6", api_base=mock.url)
+    )
+    models.append(
+        ModelConfig(name="claude-fault-500", provider="anthropic", model="fault:500", api_base=mock.url)
+    )
     if local_available():
-        models.append(ModelConfig(name="local", provider="local", model="SmolLM2-135M-Instruct", max_tokens=32))
+        models.append(
+            ModelConfig(name="local", provider="local", model="SmolLM2-135M-Instruct", max_tokens=32)
+        )
     return tuple(models)
 
 
@@ -136,7 +176,9 @@ class Keel:
         self.url = server.url
         self.master_key = MASTER_KEY
         self.store: Store = app.state.store
-        self.http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=30)
+        self.http = httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=30
+        )
 
     def wait_for_trace(self, trace_id: str, timeout: float = 15.0) -> dict[str, Any]:
         """Poll the API until the trace is stored (the writer is asynchronous)."""
@@ -146,16 +188,22 @@ class Keel:
             if r.status_code == 200:
                 return dict(r.json())
             if time.monotonic() > deadline:
-                raise AssertionError(f"trace {trace_id} not stored after {timeout}s (last status {r.status_code})")
+                raise AssertionError(
+                    f"trace {trace_id} not stored after {timeout}s (last status {r.status_code})"
+                )
             time.sleep(0.05)
 
-    def create_key(self, project: str = "default", models: list[str] | None = None, name: str = "test") -> dict[str, Any]:
+    def create_key(
+        self, project: str = "default", models: list[str] | None = None, name: str = "test"
+    ) -> dict[str, Any]:
         r = self.http.post("/api/keys", json={"project": project, "name": name, "models": models})
         assert r.status_code == 201, r.text
         return dict(r.json())
 
 
-def make_keel(backend: str, tmp: Path, mock: MockProvider, request: pytest.FixtureRequest, **overrides: Any) -> tuple[ServerThread, Any]:
+def make_keel(
+    backend: str, tmp: Path, mock: MockProvider, request: pytest.FixtureRequest, **overrides: Any
+) -> tuple[ServerThread, Any]:
     if backend == "sqlite":
         db_url, redis = f"sqlite:///{tmp}/keel.db", None
     elif backend == "postgresql":
@@ -177,7 +225,9 @@ def make_keel(backend: str, tmp: Path, mock: MockProvider, request: pytest.Fixtu
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def keel(request: pytest.FixtureRequest, mock_upstream: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keel]:
+def keel(
+    request: pytest.FixtureRequest, mock_upstream: MockProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Keel]:
     """keel served over HTTP in front of the mock upstream, on each backend."""
     backend = request.param
     server, app = make_keel(backend, tmp_path_factory.mktemp(f"keel-{backend}"), mock_upstream, request)

@@ -13,12 +13,17 @@ from sqlalchemy import text
 from tests.conftest import Keel
 
 
-def _send(keel: Keel, key: str, model: str = "gpt-4o-mini", user: str | None = None, tag: str | None = None) -> str:
+def _send(
+    keel: Keel, key: str, model: str = "gpt-4o-mini", user: str | None = None, tag: str | None = None
+) -> str:
     c = openai.OpenAI(base_url=keel.url + "/v1", api_key=key, max_retries=0)
     headers = {"x-keel-tags": tag} if tag else {}
     try:
         raw = c.chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": "hi"}], user=user or openai.NOT_GIVEN, extra_headers=headers
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            user=user or openai.NOT_GIVEN,
+            extra_headers=headers,
         )
         return str(raw.headers["x-keel-trace-id"])
     except openai.APIStatusError as exc:
@@ -34,7 +39,9 @@ def test_api_requires_a_key(keel: Keel) -> None:
 
 
 def test_keys_lifecycle_and_secret_never_stored(keel: Keel) -> None:
-    created = keel.create_key(project="keys-" + uuid.uuid4().hex[:6], models=["gpt-4o-mini", "cheap"], name="ci")
+    created = keel.create_key(
+        project="keys-" + uuid.uuid4().hex[:6], models=["gpt-4o-mini", "cheap"], name="ci"
+    )
     secret = created["key"]
     assert secret.startswith("sk-keel-") and created["models"] == ["gpt-4o-mini", "cheap"]
     listed = keel.http.get("/api/keys").json()
@@ -42,7 +49,9 @@ def test_keys_lifecycle_and_secret_never_stored(keel: Keel) -> None:
     assert len(mine) == 1 and "key" not in mine[0] and mine[0]["status"] == "active"
     assert secret not in keel.http.get("/api/keys").text
     with keel.store.engine.connect() as conn:
-        rows = conn.execute(text("select key_hash, key_prefix from api_keys where id = :i"), {"i": created["id"]}).all()
+        rows = conn.execute(
+            text("select key_hash, key_prefix from api_keys where id = :i"), {"i": created["id"]}
+        ).all()
     assert rows and rows[0][0] != secret and len(rows[0][0]) == 64 and secret.startswith(rows[0][1])
     revoked = keel.http.delete(f"/api/keys/{created['id']}").json()
     assert revoked["status"] == "revoked" and revoked["revoked_at"]
@@ -119,7 +128,9 @@ def test_project_isolation(keel: Keel) -> None:
     assert httpx.get(f"{keel.url}/api/traces/{ta}", headers=ha).status_code == 200
     assert httpx.get(f"{keel.url}/api/traces/{tb}", headers=ha).status_code == 404
     # a project key cannot widen its view with ?project=
-    other = httpx.get(keel.url + "/api/traces", headers=ha, params={"project": b["project_id"]}).json()["data"]
+    other = httpx.get(keel.url + "/api/traces", headers=ha, params={"project": b["project_id"]}).json()[
+        "data"
+    ]
     assert tb not in {t["trace_id"] for t in other}
 
 
@@ -127,13 +138,40 @@ def test_trace_detail_shape(keel: Keel) -> None:
     tid = _send(keel, keel.master_key)
     t = keel.wait_for_trace(tid)
     assert set(t) >= {
-        "trace_id", "name", "start_time", "end_time", "latency_ms", "status", "model", "provider", "user", "tags",
-        "input_tokens", "output_tokens", "total_tokens", "cost_usd", "error", "span_count", "spans",
+        "trace_id",
+        "name",
+        "start_time",
+        "end_time",
+        "latency_ms",
+        "status",
+        "model",
+        "provider",
+        "user",
+        "tags",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "cost_usd",
+        "error",
+        "span_count",
+        "spans",
     }
     span = t["spans"][0]
     assert set(span) >= {
-        "span_id", "parent_span_id", "kind", "model", "provider", "input_tokens", "output_tokens", "cost_usd",
-        "latency_ms", "ttft_ms", "status", "error", "input", "output",
+        "span_id",
+        "parent_span_id",
+        "kind",
+        "model",
+        "provider",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "latency_ms",
+        "ttft_ms",
+        "status",
+        "error",
+        "input",
+        "output",
     }
     assert keel.http.get("/api/traces/" + "0" * 32).status_code == 404
 
@@ -141,7 +179,15 @@ def test_trace_detail_shape(keel: Keel) -> None:
 def test_openapi_documents_routes(keel: Keel) -> None:
     doc = httpx.get(keel.url + "/openapi.json").json()
     paths = set(doc["paths"])
-    assert {"/api/traces", "/api/traces/{trace_id}", "/api/keys", "/api/keys/{key_id}", "/v1/chat/completions", "/v1/models", "/health"} <= paths
+    assert {
+        "/api/traces",
+        "/api/traces/{trace_id}",
+        "/api/keys",
+        "/api/keys/{key_id}",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+    } <= paths
     assert "TracePage" in doc["components"]["schemas"]
 
 
@@ -152,6 +198,12 @@ def test_metrics_exposition(keel: Keel) -> None:
     body = keel.http.get("/metrics").text
     assert 'keel_requests_total{model="gpt-4o-mini",route="/v1/chat/completions",status="200"}' in body
     assert 'keel_errors_total{code="upstream_error",route="/v1/chat/completions"}' in body
-    for name in ("keel_request_duration_seconds_bucket", "keel_overhead_seconds_count", "keel_trace_queue_depth",
-                 "keel_trace_dropped_total", "keel_trace_written_total", 'keel_tokens_total{direction="input",model="gpt-4o-mini"}'):
+    for name in (
+        "keel_request_duration_seconds_bucket",
+        "keel_overhead_seconds_count",
+        "keel_trace_queue_depth",
+        "keel_trace_dropped_total",
+        "keel_trace_written_total",
+        'keel_tokens_total{direction="input",model="gpt-4o-mini"}',
+    ):
         assert name in body, name

@@ -18,7 +18,9 @@ from tests.conftest import free_port
 KEEL = [sys.executable, "-m", "keel.cli"]
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     e = {**os.environ, **(env or {})}
     e.pop("KEEL_CONFIG", None)
     return subprocess.run([*KEEL, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
@@ -94,7 +96,9 @@ def test_serve_generates_master_key_once_and_drains_traces_on_sigterm(tmp_path: 
     )
     env = {**os.environ, "KEEL_PORT": str(port)}
     env.pop("KEEL_MASTER_KEY", None)
-    proc = subprocess.Popen([*KEEL, "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*KEEL, "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_health(url, proc)
@@ -103,7 +107,11 @@ def test_serve_generates_master_key_once_and_drains_traces_on_sigterm(tmp_path: 
         key = key_file.read_text().strip()
         h = {"authorization": f"Bearer {key}"}
         for i in range(20):
-            r = httpx.post(url + "/v1/chat/completions", headers=h, json={"model": "m", "messages": [{"role": "user", "content": f"n{i}"}]})
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                headers=h,
+                json={"model": "m", "messages": [{"role": "user", "content": f"n{i}"}]},
+            )
             assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -119,7 +127,9 @@ def test_serve_generates_master_key_once_and_drains_traces_on_sigterm(tmp_path: 
     store = Store.from_url(f"sqlite:///{tmp_path}/.keel/keel.db")
     assert store.count_traces() == 20
     # a second start does not print the key again
-    proc = subprocess.Popen([*KEEL, "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*KEEL, "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_health(f"http://127.0.0.1:{port}", proc)
         proc.send_signal(signal.SIGTERM)
@@ -131,17 +141,30 @@ def test_serve_generates_master_key_once_and_drains_traces_on_sigterm(tmp_path: 
 
 
 @pytest.mark.parametrize("workers", [2])
-def test_serve_with_workers_and_postgres_redis(tmp_path: Path, mock_upstream, pg_database: str, redis_url: str, workers: int) -> None:  # type: ignore[no-untyped-def]
+def test_serve_with_workers_and_postgres_redis(
+    tmp_path: Path, mock_upstream, pg_database: str, redis_url: str, workers: int
+) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     (tmp_path / "keel.yaml").write_text(
         f"models:\n  - name: m\n    provider: openai-compatible\n    model: gpt-4o-mini\n    api_base: {mock_upstream.base_url}\n"
     )
-    env = {**os.environ, "KEEL_DATABASE_URL": pg_database, "KEEL_REDIS_URL": redis_url, "KEEL_MASTER_KEY": "sk-master-x",
-           "KEEL_KEY_REFRESH_S": "600"}
+    env = {
+        **os.environ,
+        "KEEL_DATABASE_URL": pg_database,
+        "KEEL_REDIS_URL": redis_url,
+        "KEEL_MASTER_KEY": "sk-master-x",
+        "KEEL_KEY_REFRESH_S": "600",
+    }
     r = run(["keys", "create", "--project", "w"], tmp_path, env=env)
     secret = r.stdout.strip().splitlines()[-1]
-    proc = subprocess.Popen([*KEEL, "serve", "--port", str(port), "--workers", str(workers)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*KEEL, "serve", "--port", str(port), "--workers", str(workers)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_health(url, proc)
@@ -152,7 +175,9 @@ def test_serve_with_workers_and_postgres_redis(tmp_path: Path, mock_upstream, pg
             with httpx.Client() as c:
                 assert c.post(url + "/v1/chat/completions", headers=h, json=body).status_code == 200
         # revoked from the CLI: every worker hears it through Redis pub/sub (the periodic refresh is 600 s)
-        key_id = __import__("orjson").loads(run(["keys", "list", "--json"], tmp_path, env=env).stdout)[0]["id"]
+        key_id = __import__("orjson").loads(run(["keys", "list", "--json"], tmp_path, env=env).stdout)[0][
+            "id"
+        ]
         assert run(["keys", "revoke", key_id], tmp_path, env=env).returncode == 0
         deadline = time.monotonic() + 10
         codes: list[int] = []

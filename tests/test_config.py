@@ -59,7 +59,10 @@ routing:
     )
     s = load_settings(cfg, env={"TEST_OPENAI_KEY": "sk-from-env"})
     assert s.models[0].api_key == "sk-from-env"
-    assert s.models[1].upstream_model == "claude-3-5-haiku-latest" and s.models[1].api_base == "https://example.test"
+    assert (
+        s.models[1].upstream_model == "claude-3-5-haiku-latest"
+        and s.models[1].api_base == "https://example.test"
+    )
     assert s.fallbacks == {"gpt-4o-mini": ("claude-haiku",)}
 
 
@@ -70,7 +73,10 @@ def test_secret_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("KEEL_TEST_SECRET")
     with pytest.raises(ConfigError) as exc:
         load_settings(cfg)
-    assert str(exc.value) == "invalid config: models[0].api_key: environment variable KEEL_TEST_SECRET is not set"
+    assert (
+        str(exc.value)
+        == "invalid config: models[0].api_key: environment variable KEEL_TEST_SECRET is not set"
+    )
 
 
 @pytest.mark.parametrize(
@@ -85,7 +91,11 @@ def test_secret_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ("port: 70000\n", "port", "at most 65535"),
         ("store_bodies: maybe\n", "store_bodies", "boolean"),
         ("database_url: mysql://x\n", "database_url", "sqlite"),
-        ("models: [{name: a, provider: openai}]\nrouting: {fallbacks: {a: [b]}}\n", "routing.fallbacks.a", "unknown model 'b'"),
+        (
+            "models: [{name: a, provider: openai}]\nrouting: {fallbacks: {a: [b]}}\n",
+            "routing.fallbacks.a",
+            "unknown model 'b'",
+        ),
         ("models: [{name: a, provider: openai}, {name: a, provider: openai}]\n", "models[1]", "duplicate"),
         ("- just\n- a list\n", "config", "mapping"),
         ("models: [\n", "config", "not valid YAML at line"),

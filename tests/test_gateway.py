@@ -55,12 +55,21 @@ def test_chat_non_stream_is_proxied_and_traced(keel: Keel, mock_upstream: MockPr
     assert resp.usage and resp.usage.prompt_tokens > 0
     sent = mock_upstream.last_request
     assert sent is not None and sent.path == "/v1/chat/completions"
-    assert sent.headers["authorization"] == "Bearer sk-upstream-openai"  # the upstream key, never the client's
+    assert (
+        sent.headers["authorization"] == "Bearer sk-upstream-openai"
+    )  # the upstream key, never the client's
     trace = keel.wait_for_trace(trace_of(raw))
     span = llm_span(trace)
     assert trace["status"] == "ok" and span["status_code"] == 200
-    assert span["provider"] == "openai" and span["requested_model"] == "gpt-4o-mini" and span["model"] == "gpt-4o-mini"
-    assert span["input_tokens"] == resp.usage.prompt_tokens and span["output_tokens"] == resp.usage.completion_tokens
+    assert (
+        span["provider"] == "openai"
+        and span["requested_model"] == "gpt-4o-mini"
+        and span["model"] == "gpt-4o-mini"
+    )
+    assert (
+        span["input_tokens"] == resp.usage.prompt_tokens
+        and span["output_tokens"] == resp.usage.completion_tokens
+    )
     # priced by the genai-prices catalog: gpt-4o-mini is $0.15 / $0.60 per MTok
     expected = (resp.usage.prompt_tokens * 0.15 + resp.usage.completion_tokens * 0.60) / 1e6
     assert span["cost_usd"] == pytest.approx(expected, rel=1e-6) and span["priced"] is True
@@ -98,7 +107,9 @@ def test_stream_with_usage_requested(keel: Keel) -> None:
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0 and chunks[-1].choices == []
+    assert (
+        chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0 and chunks[-1].choices == []
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -108,7 +119,11 @@ def test_tools_pass_through(keel: Keel, stream: bool) -> None:
             "type": "function",
             "function": {
                 "name": "get_weather",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
             },
         }
     ]
@@ -130,7 +145,9 @@ def test_tools_pass_through(keel: Keel, stream: bool) -> None:
 
 def test_response_format_passes_through(keel: Keel, mock_upstream: MockProvider) -> None:
     resp = client(keel).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "json please"}], response_format={"type": "json_object"}
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "json please"}],
+        response_format={"type": "json_object"},
     )
     assert isinstance(orjson.loads(resp.choices[0].message.content or ""), dict)
     assert mock_upstream.last_request.json["response_format"] == {"type": "json_object"}  # type: ignore[union-attr]
@@ -158,27 +175,46 @@ def test_anthropic_upstream_stream_and_tools(keel: Keel) -> None:
     c = client(keel)
     chunks = list(
         c.chat.completions.create(
-            model="claude-haiku", messages=[{"role": "user", "content": "stream from claude"}], stream=True,
+            model="claude-haiku",
+            messages=[{"role": "user", "content": "stream from claude"}],
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == "Mock reply to: stream from claude"
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 0
-    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+            },
+        }
+    ]
     resp = c.chat.completions.create(
-        model="claude-haiku", messages=[{"role": "user", "content": "call the tool please"}], tools=tools  # type: ignore[arg-type]
+        model="claude-haiku",
+        messages=[{"role": "user", "content": "call the tool please"}],
+        tools=tools,  # type: ignore[arg-type]
     )
     call = resp.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert call.function.name == "lookup" and "q" in orjson.loads(call.function.arguments)  # type: ignore[union-attr]
     assert resp.choices[0].finish_reason == "tool_calls"
     streamed = list(
         c.chat.completions.create(
-            model="claude-haiku", messages=[{"role": "user", "content": "call the tool please"}], tools=tools, stream=True  # type: ignore[arg-type]
+            model="claude-haiku",
+            messages=[{"role": "user", "content": "call the tool please"}],
+            tools=tools,
+            stream=True,  # type: ignore[arg-type]
         )
     )
     args = "".join(
-        tc.function.arguments or "" for ch in streamed if ch.choices for tc in (ch.choices[0].delta.tool_calls or []) if tc.function
+        tc.function.arguments or ""
+        for ch in streamed
+        if ch.choices
+        for tc in (ch.choices[0].delta.tool_calls or [])
+        if tc.function
     )
     assert "q" in orjson.loads(args)
 
@@ -211,7 +247,9 @@ def _error_trace(keel: Keel, resp: httpx.Response, status: int, code: str) -> di
     return span
 
 
-def post(keel: Keel, body: object, key: str | None = "master", raw: bytes | None = None, **headers: str) -> httpx.Response:
+def post(
+    keel: Keel, body: object, key: str | None = "master", raw: bytes | None = None, **headers: str
+) -> httpx.Response:
     h = {"content-type": "application/json", **headers}
     if key:
         h["authorization"] = f"Bearer {keel.master_key if key == 'master' else key}"
@@ -225,15 +263,21 @@ MSGS = [{"role": "user", "content": "hi"}]
 def test_unknown_model_404(keel: Keel) -> None:
     with pytest.raises(openai.NotFoundError):
         client(keel).chat.completions.create(model="no-such-model", messages=MSGS)  # type: ignore[arg-type]
-    span = _error_trace(keel, post(keel, {"model": "no-such-model", "messages": MSGS}), 404, "model_not_found")
+    span = _error_trace(
+        keel, post(keel, {"model": "no-such-model", "messages": MSGS}), 404, "model_not_found"
+    )
     assert span["requested_model"] == "no-such-model"
 
 
 def test_bad_key_401_and_missing_key_401(keel: Keel) -> None:
     with pytest.raises(openai.AuthenticationError):
         client(keel, key="sk-wrong").chat.completions.create(model="gpt-4o-mini", messages=MSGS)  # type: ignore[arg-type]
-    _error_trace(keel, post(keel, {"model": "gpt-4o-mini", "messages": MSGS}, key="sk-wrong"), 401, "invalid_api_key")
-    _error_trace(keel, post(keel, {"model": "gpt-4o-mini", "messages": MSGS}, key=None), 401, "missing_api_key")
+    _error_trace(
+        keel, post(keel, {"model": "gpt-4o-mini", "messages": MSGS}, key="sk-wrong"), 401, "invalid_api_key"
+    )
+    _error_trace(
+        keel, post(keel, {"model": "gpt-4o-mini", "messages": MSGS}, key=None), 401, "missing_api_key"
+    )
 
 
 @pytest.mark.parametrize(
@@ -245,8 +289,14 @@ def test_bad_key_401_and_missing_key_401(keel: Keel) -> None:
         (b'{"messages": [{"role": "user", "content": "x"}]}', "missing_model"),
         (b'{"model": "gpt-4o-mini", "messages": []}', "invalid_messages"),
         (b'{"model": "gpt-4o-mini", "messages": [{"role": "wizard", "content": "x"}]}', "invalid_messages"),
-        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "invalid_request"),
-        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "invalid_request"),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+            "invalid_request",
+        ),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+            "invalid_request",
+        ),
     ],
 )
 def test_malformed_requests_400(keel: Keel, raw: bytes, code: str) -> None:
@@ -262,7 +312,9 @@ def test_dead_upstream_502(keel: Keel) -> None:
     with pytest.raises(openai.InternalServerError) as exc:
         client(keel).chat.completions.create(model="dead", messages=MSGS)  # type: ignore[arg-type]
     assert exc.value.status_code == 502
-    span = _error_trace(keel, post(keel, {"model": "dead", "messages": MSGS}), 502, "upstream_connection_error")
+    span = _error_trace(
+        keel, post(keel, {"model": "dead", "messages": MSGS}), 502, "upstream_connection_error"
+    )
     assert span["provider"] == "openai-compatible"
 
 
@@ -327,7 +379,9 @@ def test_key_limited_to_models_gets_403(keel: Keel) -> None:
     with pytest.raises(openai.PermissionDeniedError):
         client(keel, key=key).chat.completions.create(model="claude-haiku", messages=MSGS)  # type: ignore[arg-type]
     assert {m.id for m in client(keel, key=key).models.list()} == {"gpt-4o-mini"}
-    span = _error_trace(keel, post(keel, {"model": "claude-haiku", "messages": MSGS}, key=key), 403, "model_not_allowed")
+    span = _error_trace(
+        keel, post(keel, {"model": "claude-haiku", "messages": MSGS}, key=key), 403, "model_not_allowed"
+    )
     assert span["requested_model"] == "claude-haiku"
 
 
@@ -343,7 +397,9 @@ def test_revoked_key_is_refused_at_once(keel: Keel) -> None:
 def test_trace_records_project_and_key(keel: Keel) -> None:
     project = "proj-" + uuid.uuid4().hex[:6]
     created = keel.create_key(project=project)
-    raw = client(keel, key=created["key"]).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS)  # type: ignore[arg-type]
+    raw = client(keel, key=created["key"]).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MSGS
+    )  # type: ignore[arg-type]
     trace = keel.wait_for_trace(trace_of(raw))
     assert trace["project_id"] == created["project_id"] and trace["key_id"] == created["id"]
 
@@ -360,7 +416,11 @@ def test_500_concurrent_requests_leave_500_traces(keel: Keel) -> None:
             headers = {"authorization": f"Bearer {keel.master_key}", "x-keel-tags": tag}
 
             async def one(i: int) -> httpx.Response:
-                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"request {i}"}], "stream": i % 5 == 0}
+                body = {
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": f"request {i}"}],
+                    "stream": i % 5 == 0,
+                }
                 return await ac.post("/v1/chat/completions", json=body, headers=headers)
 
             return await asyncio.gather(*(one(i) for i in range(500)))
@@ -391,7 +451,9 @@ def test_config_price_override_and_unpriced(keel: Keel) -> None:
     resp = raw.parse()
     span = llm_span(keel.wait_for_trace(trace_of(raw)))
     assert resp.usage is not None
-    assert span["cost_usd"] == pytest.approx((resp.usage.prompt_tokens * 1.0 + resp.usage.completion_tokens * 2.0) / 1e6)
+    assert span["cost_usd"] == pytest.approx(
+        (resp.usage.prompt_tokens * 1.0 + resp.usage.completion_tokens * 2.0) / 1e6
+    )
     raw = client(keel).chat.completions.with_raw_response.create(model="unpriced", messages=MSGS)  # type: ignore[arg-type]
     span = llm_span(keel.wait_for_trace(trace_of(raw)))
     assert span["cost_usd"] is None and span["priced"] is False and span["input_tokens"] > 0

@@ -18,7 +18,9 @@ from tests.conftest import Keel, free_port
 
 def test_model_file_ships_in_the_package() -> None:
     path = find_model_file()
-    assert local_available() and path is not None and path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert (
+        local_available() and path is not None and path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    )
 
 
 def test_local_chat_non_stream_and_stream(keel: Keel) -> None:
@@ -33,7 +35,10 @@ def test_local_chat_non_stream_and_stream(keel: Keel) -> None:
     assert span["provider"] == "local" and span["input_tokens"] > 0 and span["cost_usd"] == 0.0
     chunks = list(
         c.chat.completions.create(
-            model="local", messages=[{"role": "user", "content": "Count to three."}], max_tokens=16, stream=True,
+            model="local",
+            messages=[{"role": "user", "content": "Count to three."}],
+            max_tokens=16,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -44,7 +49,9 @@ def test_local_chat_non_stream_and_stream(keel: Keel) -> None:
 def test_local_context_overflow_is_400(keel: Keel) -> None:
     c = openai.OpenAI(base_url=keel.url + "/v1", api_key=keel.master_key, max_retries=0)
     try:
-        c.chat.completions.create(model="local", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=8)
+        c.chat.completions.create(
+            model="local", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=8
+        )
     except openai.BadRequestError as exc:
         assert "context" in str(exc)
     else:
@@ -56,7 +63,9 @@ def test_serve_with_no_config_answers_model_local(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "KEEL_PORT": str(port), "KEEL_MASTER_KEY": "sk-fresh-master"}
     env.pop("KEEL_CONFIG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "keel.cli", "serve"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keel.cli", "serve"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -68,7 +77,9 @@ def test_serve_with_no_config_answers_model_local(tmp_path: Path) -> None:
                 time.sleep(0.1)
         c = openai.OpenAI(base_url=url + "/v1", api_key="sk-fresh-master", max_retries=0)
         assert [m.id for m in c.models.list()] == ["local"]
-        resp = c.chat.completions.create(model="local", messages=[{"role": "user", "content": "Hi!"}], max_tokens=12)
+        resp = c.chat.completions.create(
+            model="local", messages=[{"role": "user", "content": "Hi!"}], max_tokens=12
+        )
         assert resp.choices[0].message.content
         assert (tmp_path / ".keel" / "keel.db").exists()
     finally:

@@ -74,7 +74,9 @@ def test_spans_fold_into_one_trace_and_rewrites_are_idempotent(store: Store) -> 
     from keel.tracing import span_to_row
 
     tid = new_trace_id()
-    root = rec(tid, name="agent.run", kind="chain", usage=Usage(), requested_model=None, model=None, provider=None)
+    root = rec(
+        tid, name="agent.run", kind="chain", usage=Usage(), requested_model=None, model=None, provider=None
+    )
     child1 = rec(tid, parent_span_id=root.span_id, user="bob", tags=["a"])
     child2 = rec(tid, parent_span_id=root.span_id, status="error", error="upstream_error: boom", tags=["b"])
     rows = [span_to_row(r) for r in (root, child1, child2)]
@@ -114,8 +116,14 @@ def test_retention_deletes_old_traces(store: Store) -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
-        ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-00", ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+        ),
+        (
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-00",
+            ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+        ),
         ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),
         ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", None),
         ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),

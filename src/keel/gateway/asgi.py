@@ -66,13 +66,19 @@ async def send_bytes(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers],
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, err: KeelError, headers: list[tuple[bytes, bytes]], dialect: str = "openai") -> None:
+async def send_error(
+    send: Send, err: KeelError, headers: list[tuple[bytes, bytes]], dialect: str = "openai"
+) -> None:
     """Send ``err`` in the caller's API shape (``openai`` or ``anthropic``)."""
     body = anthropic_error_body(err) if dialect == "anthropic" else openai_error_body(err)
     extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]

@@ -36,7 +36,9 @@ def bearer_token(authorization: str | None, x_api_key: str | None = None) -> str
 class KeyCache:
     """Answers "who is this key?" from memory."""
 
-    def __init__(self, store: Store, master_key: str, redis_url: str | None = None, refresh_s: float = 10.0) -> None:
+    def __init__(
+        self, store: Store, master_key: str, redis_url: str | None = None, refresh_s: float = 10.0
+    ) -> None:
         self.store = store
         self._master_hash = hash_key(master_key)
         self._by_hash: dict[str, Principal] = {}
@@ -75,7 +77,9 @@ class KeyCache:
             try:
                 await self._redis.publish(KEYS_CHANNEL, b"1")
             except Exception:
-                log.warning("could not publish key change to redis; other replicas refresh within %ss", self.refresh_s)
+                log.warning(
+                    "could not publish key change to redis; other replicas refresh within %ss", self.refresh_s
+                )
 
     async def start(self) -> None:
         await self.reload()

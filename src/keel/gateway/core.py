@@ -26,7 +26,11 @@ __all__ = ["Gateway"]
 log = logging.getLogger("keel.gateway")
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 _ROUTE_CHAT = "/v1/chat/completions"
 
 
@@ -75,6 +79,8 @@ class _Req:
             elif k == b"x-keel-session-id":
                 session = v.decode("utf-8", "replace")
         ctx = parse_traceparent(tp)
+        self.trace_id: str
+        self.parent: str | None
         if ctx:
             self.trace_id, self.parent = ctx
         else:
@@ -154,7 +160,9 @@ class Gateway:
             st.tokens[(model, "output")] += rec.usage.output_tokens
         self.writer.submit(rec)
 
-    async def _fail(self, req: _Req, send: Send, err: KeelError, route: str, name: str, dialect: str = "openai") -> None:
+    async def _fail(
+        self, req: _Req, send: Send, err: KeelError, route: str, name: str, dialect: str = "openai"
+    ) -> None:
         rec = self._span(req, name, err.status, err)
         self._finish(req, rec, route)
         try:
@@ -185,10 +193,14 @@ class Gateway:
             raise BadRequest("'model' is required and must be a string", code="missing_model", param="model")
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
-            raise BadRequest("'messages' must be a non-empty array", code="invalid_messages", param="messages")
+            raise BadRequest(
+                "'messages' must be a non-empty array", code="invalid_messages", param="messages"
+            )
         for i, m in enumerate(msgs):
             if not isinstance(m, dict):
-                raise BadRequest(f"messages[{i}] must be an object", code="invalid_messages", param=f"messages[{i}]")
+                raise BadRequest(
+                    f"messages[{i}] must be an object", code="invalid_messages", param=f"messages[{i}]"
+                )
             if m.get("role") not in _ROLES:
                 raise BadRequest(
                     f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}",
@@ -210,7 +222,9 @@ class Gateway:
         req = _Req(scope)
         name = "chat.completions"
         if scope["method"] != "POST":
-            await self._fail(req, send, KeelError("use POST", status=405, code="method_not_allowed"), _ROUTE_CHAT, name)
+            await self._fail(
+                req, send, KeelError("use POST", status=405, code="method_not_allowed"), _ROUTE_CHAT, name
+            )
             return
         try:
             req.principal = self.authenticate(req)
@@ -219,7 +233,11 @@ class Gateway:
             model = body["model"]
             dep = self.models.choose(model)
             if dep is None:
-                raise NotFound(f"model '{model}' does not exist or is not served here", code="model_not_found", param="model")
+                raise NotFound(
+                    f"model '{model}' does not exist or is not served here",
+                    code="model_not_found",
+                    param="model",
+                )
             if not req.principal.may_use(model):
                 raise Forbidden(f"this key is not allowed to use model '{model}'", code="model_not_allowed")
         except ClientGone:
@@ -253,7 +271,9 @@ class Gateway:
             rec.model = result.served_model or dep.config.upstream_model
             rec.usage = result.usage
             rec.output = result.body
-            self.stats.overhead[_ROUTE_CHAT].observe(max(0.0, time.perf_counter() - req.start_pc - up_elapsed))
+            self.stats.overhead[_ROUTE_CHAT].observe(
+                max(0.0, time.perf_counter() - req.start_pc - up_elapsed)
+            )
             self._finish(req, rec, _ROUTE_CHAT)
 
     @staticmethod
@@ -263,7 +283,9 @@ class Gateway:
         rec.model = dep.config.upstream_model
         rec.price_override = dep.price_override
 
-    async def _stream(self, req: _Req, send: Send, body: dict[str, Any], dep: Any, upstream_headers: dict[str, str]) -> None:
+    async def _stream(
+        self, req: _Req, send: Send, body: dict[str, Any], dep: Any, upstream_headers: dict[str, str]
+    ) -> None:
         name = "chat.completions"
         hdrs = [(b"x-keel-trace-id", req.trace_id.encode())]
         try:
@@ -291,9 +313,11 @@ class Gateway:
             log.exception("stream failed")
             error = UpstreamError(f"stream failed: {type(exc).__name__}")
         if error is not None:
-            event = b'data: {"error": ' + orjson.dumps(
-                {"message": error.message, "type": error.type, "code": error.code}
-            ) + b"}\n\n"
+            event = (
+                b'data: {"error": '
+                + orjson.dumps({"message": error.message, "type": error.type, "code": error.code})
+                + b"}\n\n"
+            )
             try:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             except OSError:
@@ -303,7 +327,9 @@ class Gateway:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:
                 client_gone = True
-        rec = self._span(req, name, 200 if error is None and not client_gone else (error.status if error else 499), error)
+        rec = self._span(
+            req, name, 200 if error is None and not client_gone else (error.status if error else 499), error
+        )
         if client_gone and error is None:
             rec.status, rec.error = "error", "client_disconnected: the client closed the stream"
         self._describe(rec, dep)
@@ -344,4 +370,8 @@ def _estimate_usage(body: dict[str, Any], output: str) -> Usage:
     """Count tokens with tiktoken (cl100k, shipped offline) when the upstream reported none."""
     from keel.gateway.tokens import count_messages, count_text
 
-    return Usage(input_tokens=count_messages(body.get("messages") or []), output_tokens=count_text(output), estimated=True)
+    return Usage(
+        input_tokens=count_messages(body.get("messages") or []),
+        output_tokens=count_text(output),
+        estimated=True,
+    )

@@ -37,13 +37,17 @@ class ModelTable:
         self._weights = {n: [d.config.weight for d in ds] for n, ds in self.by_name.items()}
 
     @classmethod
-    def build(cls, settings: Settings, factories: dict[str, Any], models: Iterable[ModelConfig]) -> ModelTable:
+    def build(
+        cls, settings: Settings, factories: dict[str, Any], models: Iterable[ModelConfig]
+    ) -> ModelTable:
         deps = []
         for i, m in enumerate(models):
             factory = factories.get(m.provider)
             if factory is None:
                 known = ", ".join(sorted(factories))
-                raise ConfigError(f"models[{i}].provider", f"unknown provider {m.provider!r} (known: {known})")
+                raise ConfigError(
+                    f"models[{i}].provider", f"unknown provider {m.provider!r} (known: {known})"
+                )
             deps.append(Deployment(config=m, provider=factory(m, settings)))
         return cls(deps)
 

@@ -15,7 +15,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 __all__ = ["GatewayStats", "Histogram"]
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
 
 
 class Histogram:
@@ -55,7 +72,11 @@ class GatewayStats:
         self.counters: dict[str, Any] = {}
 
     def collect(self) -> Iterator[Any]:
-        c = CounterMetricFamily("keel_requests", "Gateway requests by route, model and status", labels=["route", "model", "status"])
+        c = CounterMetricFamily(
+            "keel_requests",
+            "Gateway requests by route, model and status",
+            labels=["route", "model", "status"],
+        )
         for (route, model, status), n in list(self.requests.items()):
             c.add_metric([route, model, status], n)
         yield c

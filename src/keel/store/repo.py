@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from keel.store.engine import make_engine, migrate
@@ -269,7 +269,9 @@ class Store:
     def revoke_key(self, key_id: str) -> KeyRow | None:
         with Session(self.engine) as s, s.begin():
             s.execute(
-                update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+                update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
             )
         return self.get_key(key_id)
 
@@ -288,15 +290,15 @@ class Store:
             by_trace.setdefault(sp["trace_id"], []).append(sp)
         with Session(self.engine) as s, s.begin():
             existing_spans = set(
-                s.execute(
-                    select(Span.trace_id, Span.span_id).where(Span.trace_id.in_(list(by_trace)))
-                ).all()
+                s.execute(select(Span.trace_id, Span.span_id).where(Span.trace_id.in_(list(by_trace)))).all()
             )
             fresh = [sp for sp in batch if (sp["trace_id"], sp["span_id"]) not in existing_spans]
             if not fresh:
                 return 0
-            s.execute(Span.__table__.insert(), [_span_row(sp) for sp in fresh])
-            traces = {t.trace_id: t for t in s.scalars(select(Trace).where(Trace.trace_id.in_(list(by_trace))))}
+            s.execute(insert(Span), [_span_row(sp) for sp in fresh])
+            traces = {
+                t.trace_id: t for t in s.scalars(select(Trace).where(Trace.trace_id.in_(list(by_trace))))
+            }
             tag_rows: set[tuple[str, str]] = set()
             for sp in fresh:
                 t = traces.get(sp["trace_id"])
@@ -332,7 +334,7 @@ class Store:
                 )
                 new_tags = [{"trace_id": tid, "tag": tag} for tid, tag in tag_rows if (tid, tag) not in have]
                 if new_tags:
-                    s.execute(TraceTag.__table__.insert(), new_tags)
+                    s.execute(insert(TraceTag), new_tags)
         return len(fresh)
 
     def delete_traces_before(self, cutoff: datetime, batch: int = 1000) -> int:
@@ -401,13 +403,17 @@ class Store:
             t = s.get(Trace, trace_id)
             if t is None or (project_id is not None and t.project_id != project_id):
                 return None
-            spans = s.scalars(select(Span).where(Span.trace_id == trace_id).order_by(Span.start_time, Span.id))
+            spans = s.scalars(
+                select(Span).where(Span.trace_id == trace_id).order_by(Span.start_time, Span.id)
+            )
             out = _trace_dict(t)
             out["spans"] = [_span_dict(sp) for sp in spans]
             return out
 
     def distinct_models(self, project_id: str | None = None, since_days: int = 30) -> list[str]:
-        stmt = select(Trace.model).where(Trace.model.is_not(None), Trace.start_time >= utcnow() - timedelta(days=since_days))
+        stmt = select(Trace.model).where(
+            Trace.model.is_not(None), Trace.start_time >= utcnow() - timedelta(days=since_days)
+        )
         if project_id is not None:
             stmt = stmt.where(Trace.project_id == project_id)
         with Session(self.engine) as s:
@@ -457,7 +463,12 @@ def _fold(t: Trace, sp: dict[str, Any]) -> None:
     if sp["status"] == "error":
         t.status = "error"
         t.error = t.error or sp.get("error")
-    for attr, key in (("project_id", "project_id"), ("key_id", "key_id"), ("user_id", "user"), ("session_id", "session_id")):
+    for attr, key in (
+        ("project_id", "project_id"),
+        ("key_id", "key_id"),
+        ("user_id", "user"),
+        ("session_id", "session_id"),
+    ):
         if getattr(t, attr) is None and sp.get(key) is not None:
             setattr(t, attr, sp[key])
     if sp["kind"] == "llm":

@@ -135,13 +135,13 @@ class TraceWriter:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="keel-trace-writer")
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Drain the queue (up to ``timeout`` seconds) and stop the task."""
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Drain the queue (up to ``drain_timeout`` seconds) and stop the task."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
             if not self._task.done():
                 self._task.cancel()
             self._task = None
