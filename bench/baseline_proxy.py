@@ -54,7 +54,9 @@ _BAD_GATEWAY = b'{"error":{"message":"upstream failed","type":"upstream_error"}}
 class PassThroughProxy:
     """Raw ASGI app forwarding ``POST /v1/chat/completions`` to one upstream."""
 
-    def __init__(self, upstream: str, upstream_model: str | None = None, upstream_key: str = "sk-upstream") -> None:
+    def __init__(
+        self, upstream: str, upstream_model: str | None = None, upstream_key: str = "sk-upstream"
+    ) -> None:
         self.url = upstream.rstrip("/") + "/v1/chat/completions"
         self.upstream_model = upstream_model
         self.headers = {"content-type": "application/json", "authorization": f"Bearer {upstream_key}"}
@@ -151,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9200)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--upstream-model", default="gpt-4o-mini", help="model name sent upstream ('' keeps the client's)")
+    parser.add_argument(
+        "--upstream-model", default="gpt-4o-mini", help="model name sent upstream ('' keeps the client's)"
+    )
     parser.add_argument("--upstream-key", default="sk-upstream", help="API key sent upstream")
     args = parser.parse_args(argv)
 
@@ -162,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
-    print(f"baseline proxy on http://{args.host}:{args.port} -> {args.upstream} (workers={args.workers})", flush=True)
+    print(
+        f"baseline proxy on http://{args.host}:{args.port} -> {args.upstream} (workers={args.workers})",
+        flush=True,
+    )
     uvicorn.run(
         "baseline_proxy:app_from_env",
         factory=True,

@@ -8,9 +8,11 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import free_port
@@ -52,8 +54,6 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     assert secret.startswith("sk-keel-")
     r = run(["keys", "list", "--json"], tmp_path)
     assert r.returncode == 0 and secret not in r.stdout
-    import orjson
-
     rows = orjson.loads(r.stdout)
     assert len(rows) == 1 and rows[0]["models"] == ["a", "b"] and rows[0]["project"] == "cli"
     r = run(["keys", "revoke", rows[0]["id"]], tmp_path)
@@ -155,7 +155,8 @@ def test_serve_with_workers_and_postgres_redis(
         "KEEL_MASTER_KEY": "sk-master-x",
         "KEEL_KEY_REFRESH_S": "600",
     }
-    r = run(["keys", "create", "--project", "w"], tmp_path, env=env)
+    project = "workers-" + uuid.uuid4().hex[:8]
+    r = run(["keys", "create", "--project", project], tmp_path, env=env)
     secret = r.stdout.strip().splitlines()[-1]
     proc = subprocess.Popen(
         [*KEEL, "serve", "--port", str(port), "--workers", str(workers)],
@@ -175,10 +176,11 @@ def test_serve_with_workers_and_postgres_redis(
             with httpx.Client() as c:
                 assert c.post(url + "/v1/chat/completions", headers=h, json=body).status_code == 200
         # revoked from the CLI: every worker hears it through Redis pub/sub (the periodic refresh is 600 s)
-        key_id = __import__("orjson").loads(run(["keys", "list", "--json"], tmp_path, env=env).stdout)[0][
-            "id"
-        ]
-        assert run(["keys", "revoke", key_id], tmp_path, env=env).returncode == 0
+        listed = orjson.loads(run(["keys", "list", "--project", project, "--json"], tmp_path, env=env).stdout)
+        assert len(listed) == 1
+        key_id = listed[0]["id"]
+        revoked = run(["keys", "revoke", key_id], tmp_path, env=env)
+        assert revoked.returncode == 0 and "Notified" in revoked.stderr, revoked.stderr
         deadline = time.monotonic() + 10
         codes: list[int] = []
         while time.monotonic() < deadline:
@@ -189,7 +191,7 @@ def test_serve_with_workers_and_postgres_redis(
             if set(codes) == {401}:
                 break
             time.sleep(0.2)
-        assert set(codes) == {401}
+        assert set(codes) == {401}, codes
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

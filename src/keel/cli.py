@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-
 from typing import Any, NoReturn
 
 import click
@@ -40,7 +39,9 @@ def _store(settings: Settings) -> Any:
     try:
         return Store.from_url(database_url(settings))
     except Exception as exc:  # connection refused, bad credentials, ...
-        _fail(f"cannot open the database {settings.database_url}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        _fail(
+            f"cannot open the database {settings.database_url}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        )
 
 
 def _notify_keys_changed(settings: Settings) -> None:
@@ -53,14 +54,19 @@ def _notify_keys_changed(settings: Settings) -> None:
 
     try:
         r = redis.Redis.from_url(settings.redis_url)
-        r.publish(KEYS_CHANNEL, b"1")
+        n = r.publish(KEYS_CHANNEL, b"1")
         r.close()
+        console.print(f"Notified {n} running keel process(es) through Redis.", highlight=False)
     except Exception as exc:
         console.print(f"[yellow]warning:[/] could not notify replicas through Redis: {exc}")
 
 
 config_option = click.option(
-    "--config", "config", type=click.Path(dir_okay=False), default=None, help="YAML config file (env KEEL_CONFIG; default ./keel.yaml)."
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML config file (env KEEL_CONFIG; default ./keel.yaml).",
 )
 
 
@@ -95,7 +101,9 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
     finally:
         store.close()
     if created:
-        console.print(f"[bold green]Generated master key[/] (saved to {settings.data_dir}/master_key, shown once):")
+        console.print(
+            f"[bold green]Generated master key[/] (saved to {settings.data_dir}/master_key, shown once):"
+        )
         console.print(f"  {key}", highlight=False)
     names = sorted({m.name for m in effective_models(settings)})
     console.print(
@@ -140,7 +148,9 @@ def keys_create(config: str | None, project: str, name: str, models: str | None)
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     secret, row = store.create_key(project, name, allowed)
     _notify_keys_changed(settings)
-    console.print(f"Created key [bold]{row.id}[/] in project {row.project_name} (shown once):", highlight=False)
+    console.print(
+        f"Created key [bold]{row.id}[/] in project {row.project_name} (shown once):", highlight=False
+    )
     out.print(secret, highlight=False)
 
 
@@ -166,7 +176,15 @@ def keys_list(config: str | None, project: str | None, as_json: bool) -> None:
         return
     table = Table("id", "project", "name", "prefix", "models", "status", "created")
     for r in rows:
-        table.add_row(r["id"], r["project"], r["name"], r["key_prefix"] + "…", ",".join(r["models"] or ["*"]), r["status"], r["created_at"][:19])
+        table.add_row(
+            r["id"],
+            r["project"],
+            r["name"],
+            r["key_prefix"] + "…",
+            ",".join(r["models"] or ["*"]),
+            r["status"],
+            r["created_at"][:19],
+        )
     out.print(table)
 
 
@@ -195,7 +213,9 @@ def db_migrate(config: str | None) -> None:
     """Apply the schema migrations shipped with keel."""
     settings = _settings(config)
     _store(settings)
-    console.print(f"Database {settings.database_url.split('@')[-1]} is at the newest schema.", highlight=False)
+    console.print(
+        f"Database {settings.database_url.split('@')[-1]} is at the newest schema.", highlight=False
+    )
 
 
 @main.command("settings")
@@ -205,9 +225,6 @@ def settings_cmd() -> None:
     for s in SETTINGS:
         table.add_row(s.env, s.name, repr(s.default), s.doc)
     out.print(table)
-
-
-
 
 
 if __name__ == "__main__":

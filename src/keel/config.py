@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -46,20 +46,57 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("config", str, None, "Path of the YAML config file (default: ./keel.yaml if present)."),
-    Setting("database_url", str, "sqlite:///.keel/keel.db", "`sqlite:///path` or `postgresql://user@host:port/db`."),
-    Setting("redis_url", str, None, "When set, key caches (and later limits, budgets, caches) are shared across replicas."),
-    Setting("master_key", str, None, "Admin bearer key. When unset, generated into <data_dir>/master_key (mode 0600)."),
-    Setting("data_dir", str, ".keel", "Directory for the SQLite database, the generated master key and local state."),
+    Setting(
+        "database_url",
+        str,
+        "sqlite:///.keel/keel.db",
+        "`sqlite:///path` or `postgresql://user@host:port/db`.",
+    ),
+    Setting(
+        "redis_url",
+        str,
+        None,
+        "When set, key caches (and later limits, budgets, caches) are shared across replicas.",
+    ),
+    Setting(
+        "master_key",
+        str,
+        None,
+        "Admin bearer key. When unset, generated into <data_dir>/master_key (mode 0600).",
+    ),
+    Setting(
+        "data_dir",
+        str,
+        ".keel",
+        "Directory for the SQLite database, the generated master key and local state.",
+    ),
     Setting("host", str, "127.0.0.1", "Address `keel serve` binds."),
     Setting("port", int, 4000, "Port `keel serve` listens on."),
     Setting("workers", int, 1, "Number of server processes."),
     Setting("log_level", str, "info", "Log level: debug, info, warning, error."),
-    Setting("max_request_bytes", int, 20 * 1024 * 1024, "Largest accepted request body; larger bodies get 413."),
-    Setting("trace_queue_size", int, 100_000, "Capacity of the in-memory trace queue; when full, records are dropped and counted."),
+    Setting(
+        "max_request_bytes", int, 20 * 1024 * 1024, "Largest accepted request body; larger bodies get 413."
+    ),
+    Setting(
+        "trace_queue_size",
+        int,
+        100_000,
+        "Capacity of the in-memory trace queue; when full, records are dropped and counted.",
+    ),
     Setting("trace_batch_size", int, 1000, "Most records the trace writer inserts in one transaction."),
-    Setting("trace_flush_interval_s", float, 0.25, "Longest a record waits in the queue before the writer flushes."),
+    Setting(
+        "trace_flush_interval_s",
+        float,
+        0.25,
+        "Longest a record waits in the queue before the writer flushes.",
+    ),
     Setting("store_bodies", bool, True, "Store request and response bodies on spans."),
-    Setting("key_refresh_s", float, 5.0, "Interval of the background key-cache refresh (a safety net beside pub/sub)."),
+    Setting(
+        "key_refresh_s",
+        float,
+        5.0,
+        "Interval of the background key-cache refresh (a safety net beside pub/sub).",
+    ),
     Setting("upstream_timeout_s", float, 600.0, "Default total timeout of one upstream call."),
     Setting("upstream_connect_timeout_s", float, 10.0, "Default connect timeout of one upstream call."),
     Setting("retention_days", float, 0.0, "Delete traces older than this many days (0 keeps them forever)."),
@@ -86,7 +123,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, description="What clients send as `model`.")
-    provider: str = Field(min_length=1, description="openai | anthropic | openai-compatible | local | plugin name")
+    provider: str = Field(
+        min_length=1, description="openai | anthropic | openai-compatible | local | plugin name"
+    )
     model: str | None = Field(default=None, description="Upstream model id (defaults to name).")
     api_base: str | None = None
     api_key: str | None = None
@@ -99,7 +138,9 @@ class ModelConfig(BaseModel):
     tpm: int | None = Field(default=None, gt=0)
     input_cost_per_mtok: float | None = Field(default=None, ge=0)
     output_cost_per_mtok: float | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=None, gt=0, description="Default max_tokens (Anthropic requires one).")
+    max_tokens: int | None = Field(
+        default=None, gt=0, description="Default max_tokens (Anthropic requires one)."
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="Provider-specific options.")
 
     @field_validator("api_base")
@@ -184,7 +225,9 @@ def _coerce(setting: Setting, raw: Any, source: str) -> Any:
             raise ValueError(f"expected a string, got {type(raw).__name__}")
         return str(raw)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(key, str(exc) if "expected" in str(exc) else f"expected {setting.type.__name__}, got {raw!r}") from None
+        raise ConfigError(
+            key, str(exc) if "expected" in str(exc) else f"expected {setting.type.__name__}, got {raw!r}"
+        ) from None
 
 
 def _format_validation_error(exc: ValidationError) -> ConfigError:
@@ -287,4 +330,6 @@ def load_settings(
         raise ConfigError("database_url", "must start with sqlite:/// or postgresql://")
 
     known = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in values.items() if k in known}, models=tuple(models), fallbacks=fallbacks)
+    return Settings(
+        **{k: v for k, v in values.items() if k in known}, models=tuple(models), fallbacks=fallbacks
+    )

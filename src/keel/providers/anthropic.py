@@ -58,7 +58,8 @@ class _AnthropicStream:
                         ev = orjson.loads(payload)
                     except orjson.JSONDecodeError:
                         raise UpstreamError(
-                            f"upstream {self._label} sent a malformed stream event", code="upstream_bad_response"
+                            f"upstream {self._label} sent a malformed stream event",
+                            code="upstream_bad_response",
                         ) from None
                     if self.served_model is None and ev.get("type") == "message_start":
                         self.served_model = (ev.get("message") or {}).get("model")
@@ -76,7 +77,9 @@ class _AnthropicStream:
             raise connection_error(exc, self._label) from None
         finally:
             self._resp.release()
-        raise UpstreamError(f"upstream {self._label} stream ended before completion", code="upstream_stream_cut")
+        raise UpstreamError(
+            f"upstream {self._label} stream ended before completion", code="upstream_stream_cut"
+        )
 
 
 class AnthropicProvider(HTTPProvider):
@@ -96,7 +99,9 @@ class AnthropicProvider(HTTPProvider):
 
     def _translate(self, body: dict[str, Any], stream: bool) -> tuple[bytes, TranslationContext]:
         try:
-            req, ctx = openai_to_anthropic_request(body, self.deployment.upstream_model, self.default_max_tokens)
+            req, ctx = openai_to_anthropic_request(
+                body, self.deployment.upstream_model, self.default_max_tokens
+            )
         except TranslationError as exc:
             raise BadRequest(str(exc), code="unsupported_for_provider") from None
         req["stream"] = stream
@@ -105,7 +110,9 @@ class AnthropicProvider(HTTPProvider):
     async def chat(self, body: dict[str, Any], headers: dict[str, str]) -> ChatResult:
         payload, ctx = self._translate(body, False)
         try:
-            async with self.session.post(self.url, data=payload, headers={**self._headers, **headers}) as resp:
+            async with self.session.post(
+                self.url, data=payload, headers={**self._headers, **headers}
+            ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise error_from_status(resp.status, raw, resp.headers, self.label)
@@ -115,8 +122,12 @@ class AnthropicProvider(HTTPProvider):
             data = orjson.loads(raw)
             out = anthropic_to_openai_response(data, body["model"], ctx)
         except (orjson.JSONDecodeError, TranslationError, KeyError, TypeError, AttributeError):
-            raise UpstreamError(f"upstream {self.label} returned a malformed response", code="upstream_bad_response") from None
-        return ChatResult(body=out, usage=usage_from_openai(out.get("usage")), served_model=data.get("model") or "")
+            raise UpstreamError(
+                f"upstream {self.label} returned a malformed response", code="upstream_bad_response"
+            ) from None
+        return ChatResult(
+            body=out, usage=usage_from_openai(out.get("usage")), served_model=data.get("model") or ""
+        )
 
     async def chat_stream(self, body: dict[str, Any], headers: dict[str, str]) -> _AnthropicStream:
         payload, ctx = self._translate(body, True)
@@ -133,7 +144,9 @@ class AnthropicProvider(HTTPProvider):
             finally:
                 resp.release()
             raise error_from_status(resp.status, raw, resp.headers, self.label)
-        translator = AnthropicToOpenAIStream(body["model"], ctx, include_usage=wants_usage, created=int(time.time()))
+        translator = AnthropicToOpenAIStream(
+            body["model"], ctx, include_usage=wants_usage, created=int(time.time())
+        )
         return _AnthropicStream(resp, self.label, translator)
 
 

@@ -9,7 +9,14 @@ import aiohttp
 import orjson
 
 from keel.config import ModelConfig, Settings
-from keel.errors import BadRequest, KeelError, RateLimited, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from keel.errors import (
+    BadRequest,
+    KeelError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 __all__ = [
     "HTTPProvider",
@@ -31,7 +38,9 @@ def upstream_message(body: bytes) -> tuple[str, str | None]:
         err = data.get("error")
         if isinstance(err, dict):
             code = err.get("code") or err.get("type")
-            return str(err.get("message") or err.get("type") or "upstream error"), (str(code) if code else None)
+            return str(err.get("message") or err.get("type") or "upstream error"), (
+                str(code) if code else None
+            )
         if isinstance(err, str):
             return err, None
         if "message" in data:

@@ -209,7 +209,9 @@ class _LocalStream:
         def produce() -> None:
             try:
                 with self._p._gen_lock:
-                    for chunk in self._llm.create_chat_completion(messages=self._messages, stream=True, **self._kw):
+                    for chunk in self._llm.create_chat_completion(
+                        messages=self._messages, stream=True, **self._kw
+                    ):
                         if stop.is_set():
                             break
                         loop.call_soon_threadsafe(q.put_nowait, chunk)

@@ -58,7 +58,9 @@ class OpenAIStream:
             for tc in delta.get("tool_calls") or ():
                 idx = tc.get("index", 0)
                 while len(self.tool_calls) <= idx:
-                    self.tool_calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                    self.tool_calls.append(
+                        {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                    )
                 slot = self.tool_calls[idx]
                 if tc.get("id"):
                     slot["id"] = tc["id"]
@@ -94,7 +96,8 @@ class OpenAIStream:
                         chunk = orjson.loads(payload)
                     except orjson.JSONDecodeError:
                         raise UpstreamError(
-                            f"upstream {self._label} sent a malformed stream event", code="upstream_bad_response"
+                            f"upstream {self._label} sent a malformed stream event",
+                            code="upstream_bad_response",
                         ) from None
                     if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                         raise UpstreamError(f"upstream {self._label} stream error: {chunk['error']}")
@@ -147,15 +150,26 @@ class OpenAIProvider(HTTPProvider):
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError(f"upstream {self.label} returned malformed JSON", code="upstream_bad_response") from None
+            raise UpstreamError(
+                f"upstream {self.label} returned malformed JSON", code="upstream_bad_response"
+            ) from None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise UpstreamError(f"upstream {self.label} returned an unexpected body", code="upstream_bad_response")
-        return ChatResult(body=data, usage=usage_from_openai(data.get("usage")), served_model=data.get("model") or "", raw=raw)
+            raise UpstreamError(
+                f"upstream {self.label} returned an unexpected body", code="upstream_bad_response"
+            )
+        return ChatResult(
+            body=data,
+            usage=usage_from_openai(data.get("usage")),
+            served_model=data.get("model") or "",
+            raw=raw,
+        )
 
     async def chat_stream(self, body: dict[str, Any], headers: dict[str, str]) -> OpenAIStream:
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         try:
-            resp = await self.session.post(self.url, data=self._payload(body, True), headers={**self._headers, **headers})
+            resp = await self.session.post(
+                self.url, data=self._payload(body, True), headers={**self._headers, **headers}
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise connection_error(exc, self.label) from None
         if resp.status != 200:
@@ -178,7 +192,9 @@ class OpenAIProvider(HTTPProvider):
     async def embeddings(self, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
         payload = orjson.dumps({**body, "model": self.deployment.upstream_model})
         try:
-            async with self.session.post(self.embeddings_url, data=payload, headers={**self._headers, **headers}) as resp:
+            async with self.session.post(
+                self.embeddings_url, data=payload, headers={**self._headers, **headers}
+            ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise error_from_status(resp.status, raw, resp.headers, self.label)
@@ -187,7 +203,9 @@ class OpenAIProvider(HTTPProvider):
         try:
             data: dict[str, Any] = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError(f"upstream {self.label} returned malformed JSON", code="upstream_bad_response") from None
+            raise UpstreamError(
+                f"upstream {self.label} returned malformed JSON", code="upstream_bad_response"
+            ) from None
         return data
 
 
@@ -198,7 +216,9 @@ class OpenAICompatibleProvider(OpenAIProvider):
         if not deployment.api_base:
             from keel.errors import ConfigError
 
-            raise ConfigError(f"models[{deployment.name}].api_base", "required for provider openai-compatible")
+            raise ConfigError(
+                f"models[{deployment.name}].api_base", "required for provider openai-compatible"
+            )
         super().__init__(deployment, settings)
 
 

@@ -19,7 +19,9 @@ __all__ = ["build_api_router", "principal_from_request"]
 class KeyCreate(BaseModel):
     project: str = Field(default="default", description="Project name or id (created when missing).")
     name: str = Field(default="default", min_length=1, max_length=200)
-    models: list[str] | None = Field(default=None, description="Allowed model names; null allows every model.")
+    models: list[str] | None = Field(
+        default=None, description="Allowed model names; null allows every model."
+    )
     metadata: dict[str, Any] | None = None
 
 
@@ -105,7 +107,9 @@ class TraceDetail(TraceOut):
 
 class TracePage(BaseModel):
     data: list[TraceOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next page; null on the last page."
+    )
 
 
 def principal_from_request(request: Request) -> Principal:
@@ -113,10 +117,16 @@ def principal_from_request(request: Request) -> Principal:
     keys = request.app.state.keel.keys
     key = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
     if key is None:
-        raise HTTPException(401, detail={"message": "missing API key", "type": "authentication_error", "code": "missing_api_key"})
+        raise HTTPException(
+            401,
+            detail={"message": "missing API key", "type": "authentication_error", "code": "missing_api_key"},
+        )
     p = keys.lookup(key)
     if p is None:
-        raise HTTPException(401, detail={"message": "invalid API key", "type": "authentication_error", "code": "invalid_api_key"})
+        raise HTTPException(
+            401,
+            detail={"message": "invalid API key", "type": "authentication_error", "code": "invalid_api_key"},
+        )
     return p
 
 
@@ -125,7 +135,14 @@ Caller = Annotated[Principal, Depends(principal_from_request)]
 
 def _require_admin(p: Principal) -> None:
     if not p.is_master:
-        raise HTTPException(403, detail={"message": "this action needs the master key", "type": "permission_error", "code": "forbidden"})
+        raise HTTPException(
+            403,
+            detail={
+                "message": "this action needs the master key",
+                "type": "permission_error",
+                "code": "forbidden",
+            },
+        )
 
 
 def _parse_time(value: str | None, name: str) -> datetime | None:
@@ -135,7 +152,12 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise HTTPException(
-            400, detail={"message": f"'{name}' must be an ISO 8601 time", "type": "invalid_request_error", "code": "invalid_time"}
+            400,
+            detail={
+                "message": f"'{name}' must be an ISO 8601 time",
+                "type": "invalid_request_error",
+                "code": "invalid_time",
+            },
         ) from None
     if dt.tzinfo is not None:
         dt = dt.astimezone(UTC).replace(tzinfo=None)
@@ -153,15 +175,30 @@ def build_api_router() -> APIRouter:
         if project:
             proj = store.get_project(project)
             if proj is None:
-                raise HTTPException(404, detail={"message": f"project {project!r} not found", "type": "invalid_request_error", "code": "not_found"})
+                raise HTTPException(
+                    404,
+                    detail={
+                        "message": f"project {project!r} not found",
+                        "type": "invalid_request_error",
+                        "code": "not_found",
+                    },
+                )
             pid = proj["id"]
         return [k.public() for k in store.list_keys(project_id=pid)]
 
-    @r.post("/keys", response_model=KeyCreated, status_code=201, tags=["keys"], summary="Create a virtual key (shown once)")
+    @r.post(
+        "/keys",
+        response_model=KeyCreated,
+        status_code=201,
+        tags=["keys"],
+        summary="Create a virtual key (shown once)",
+    )
     async def create_key(request: Request, body: KeyCreate, p: Caller) -> dict[str, Any]:
         _require_admin(p)
         keel = request.app.state.keel
-        secret, row = await run_in_threadpool(keel.store.create_key, body.project, body.name, body.models, body.metadata)
+        secret, row = await run_in_threadpool(
+            keel.store.create_key, body.project, body.name, body.models, body.metadata
+        )
         await keel.keys.changed()
         return {**row.public(), "key": secret}
 
@@ -171,7 +208,14 @@ def build_api_router() -> APIRouter:
         keel = request.app.state.keel
         row = await run_in_threadpool(keel.store.revoke_key, key_id)
         if row is None:
-            raise HTTPException(404, detail={"message": f"key {key_id!r} not found", "type": "invalid_request_error", "code": "not_found"})
+            raise HTTPException(
+                404,
+                detail={
+                    "message": f"key {key_id!r} not found",
+                    "type": "invalid_request_error",
+                    "code": "not_found",
+                },
+            )
         await keel.keys.changed()
         return row.public()
 
@@ -219,15 +263,31 @@ def build_api_router() -> APIRouter:
         try:
             rows, nxt = store.list_traces(f, limit=limit, cursor=cursor)
         except ValueError:
-            raise HTTPException(400, detail={"message": "invalid cursor", "type": "invalid_request_error", "code": "invalid_cursor"}) from None
+            raise HTTPException(
+                400,
+                detail={
+                    "message": "invalid cursor",
+                    "type": "invalid_request_error",
+                    "code": "invalid_cursor",
+                },
+            ) from None
         return {"data": rows, "next_cursor": nxt}
 
-    @r.get("/traces/{trace_id}", response_model=TraceDetail, tags=["traces"], summary="One trace with its spans")
+    @r.get(
+        "/traces/{trace_id}", response_model=TraceDetail, tags=["traces"], summary="One trace with its spans"
+    )
     def get_trace(request: Request, trace_id: str, p: Caller) -> dict[str, Any]:
         store = request.app.state.keel.store
         t = store.get_trace(trace_id.lower(), project_id=None if p.is_master else p.project_id)
         if t is None:
-            raise HTTPException(404, detail={"message": f"trace {trace_id!r} not found", "type": "invalid_request_error", "code": "not_found"})
+            raise HTTPException(
+                404,
+                detail={
+                    "message": f"trace {trace_id!r} not found",
+                    "type": "invalid_request_error",
+                    "code": "not_found",
+                },
+            )
         out: dict[str, Any] = t
         return out
 

@@ -117,10 +117,19 @@ def create_app(
     )
     stats = GatewayStats()
     stats.gauges["keel_trace_queue_depth"] = ("Trace records waiting to be written", lambda: writer.depth)
-    stats.counters["keel_trace_dropped"] = ("Trace records dropped because the queue was full", lambda: writer.stats.dropped)
+    stats.counters["keel_trace_dropped"] = (
+        "Trace records dropped because the queue was full",
+        lambda: writer.stats.dropped,
+    )
     stats.counters["keel_trace_written"] = ("Spans written to the trace store", lambda: writer.stats.written)
-    stats.counters["keel_trace_write_failed"] = ("Spans lost to repeated database failures", lambda: writer.stats.failed)
-    stats.counters["keel_unpriced_spans"] = ("LLM spans whose cost could not be priced", lambda: writer.stats.unpriced)
+    stats.counters["keel_trace_write_failed"] = (
+        "Spans lost to repeated database failures",
+        lambda: writer.stats.failed,
+    )
+    stats.counters["keel_unpriced_spans"] = (
+        "LLM spans whose cost could not be priced",
+        lambda: writer.stats.unpriced,
+    )
     gateway = Gateway(settings, keys, models, writer, stats)
     state = KeelState(settings, store, keys, models, writer, gateway, stats, master_key)
     registry = CollectorRegistry(auto_describe=False)
@@ -130,7 +139,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await keys.start()
         writer.start()
-        retention = asyncio.get_running_loop().create_task(_retention(state)) if settings.retention_days > 0 else None
+        retention = (
+            asyncio.get_running_loop().create_task(_retention(state)) if settings.retention_days > 0 else None
+        )
         try:
             yield
         finally:
@@ -154,15 +165,26 @@ def create_app(
 
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail), "type": "invalid_request_error", "code": _code(exc.status_code)}
+        detail = (
+            exc.detail
+            if isinstance(exc.detail, dict)
+            else {"message": str(exc.detail), "type": "invalid_request_error", "code": _code(exc.status_code)}
+        )
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", "invalid request"))
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "code": "invalid_request"}}, status_code=400)
+        msg = (
+            f"{where}: {first.get('msg', 'invalid request')}"
+            if where
+            else str(first.get("msg", "invalid request"))
+        )
+        return JSONResponse(
+            {"error": {"message": msg, "type": "invalid_request_error", "code": "invalid_request"}},
+            status_code=400,
+        )
 
     @api.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:
@@ -176,7 +198,9 @@ def create_app(
 
 
 def _code(status: int) -> str:
-    return {401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(status, "error")
+    return {401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+        status, "error"
+    )
 
 
 def database_url(settings: Settings) -> str:
@@ -210,7 +234,12 @@ class ChatCompletionRequest(BaseModel):
 
 def _document_gateway(api: FastAPI) -> None:
     """Describe the raw-ASGI gateway routes in /openapi.json (they are served before FastAPI)."""
-    @api.post("/v1/chat/completions", tags=["gateway"], summary="OpenAI-compatible chat completions (SSE when stream=true)")
+
+    @api.post(
+        "/v1/chat/completions",
+        tags=["gateway"],
+        summary="OpenAI-compatible chat completions (SSE when stream=true)",
+    )
     def _chat(body: ChatCompletionRequest) -> dict[str, Any]:  # pragma: no cover - served by the gateway
         raise HTTPException(500)
 

@@ -15,6 +15,7 @@ __all__ = [
     "ChatMessage",
     "SpanNode",
     "ToolCall",
+    "ToolDef",
     "abs_time",
     "build_span_tree",
     "fmt_cost",
@@ -24,9 +25,10 @@ __all__ = [
     "output_messages",
     "parse_iso",
     "pretty_json",
-    "request_params",
     "rel_time",
+    "request_params",
     "snippet",
+    "tool_defs",
 ]
 
 
@@ -235,8 +237,14 @@ def _content(content: Any) -> tuple[str | None, list[str]]:
                 if ptype in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
                     texts.append(part["text"])
                 elif ptype == "image_url":
-                    url = (part.get("image_url") or {}).get("url", "") if isinstance(part.get("image_url"), dict) else ""
-                    notes.append("image: " + (snippet(url, 60) if not str(url).startswith("data:") else "inline data"))
+                    url = (
+                        (part.get("image_url") or {}).get("url", "")
+                        if isinstance(part.get("image_url"), dict)
+                        else ""
+                    )
+                    notes.append(
+                        "image: " + (snippet(url, 60) if not str(url).startswith("data:") else "inline data")
+                    )
                 elif ptype == "refusal":
                     notes.append("refusal: " + str(part.get("refusal", "")))
                 else:
@@ -253,11 +261,19 @@ def _message(m: Any) -> ChatMessage:
     for tc in m.get("tool_calls") or ():
         if not isinstance(tc, dict):
             continue
-        fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
-        calls.append(ToolCall(name=str(fn.get("name") or "?"), arguments=_pretty_arguments(fn.get("arguments")), id=tc.get("id")))
+        fn: dict[str, Any] = tc["function"] if isinstance(tc.get("function"), dict) else {}
+        calls.append(
+            ToolCall(
+                name=str(fn.get("name") or "?"),
+                arguments=_pretty_arguments(fn.get("arguments")),
+                id=tc.get("id"),
+            )
+        )
     fc = m.get("function_call")
     if isinstance(fc, dict):  # the legacy single function call
-        calls.append(ToolCall(name=str(fc.get("name") or "?"), arguments=_pretty_arguments(fc.get("arguments"))))
+        calls.append(
+            ToolCall(name=str(fc.get("name") or "?"), arguments=_pretty_arguments(fc.get("arguments")))
+        )
     if m.get("tool_call_id"):
         notes.insert(0, f"result of {m['tool_call_id']}")
     if m.get("refusal"):
@@ -283,7 +299,9 @@ def output_messages(output: Any) -> list[ChatMessage] | None:
             if not isinstance(choice, dict):
                 continue
             raw = choice.get("message") if isinstance(choice.get("message"), dict) else choice.get("delta")
-            msg = _message(raw if isinstance(raw, dict) else {"role": "assistant", "content": choice.get("text")})
+            msg = _message(
+                raw if isinstance(raw, dict) else {"role": "assistant", "content": choice.get("text")}
+            )
             msg.finish_reason = choice.get("finish_reason")
             msgs.append(msg)
         return msgs
@@ -297,13 +315,43 @@ def output_messages(output: Any) -> list[ChatMessage] | None:
 _NOT_PARAMS = frozenset({"messages", "model"})
 
 
+@dataclass
+class ToolDef:
+    name: str
+    description: str | None
+    parameters: str | None  # pretty JSON schema
+
+
+def tool_defs(body: Any) -> list[ToolDef] | None:
+    """The request's ``tools`` as name/description/schema, or None when absent or not function tools."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    if not isinstance(tools, list) or not tools:
+        return None
+    out = []
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            return None
+        desc = fn.get("description")
+        params = fn.get("parameters")
+        out.append(
+            ToolDef(
+                fn["name"],
+                desc if isinstance(desc, str) else None,
+                None if params is None else pretty_json(params),
+            )
+        )
+    return out
+
+
 def request_params(body: Any) -> list[tuple[str, Any, bool]]:
-    """(name, display value, is_block) for everything in a chat request besides model and messages."""
+    """(name, display value, is_block) for a chat request's settings: not model, messages, function tools."""
     if not isinstance(body, dict):
         return []
+    skip = _NOT_PARAMS | ({"tools"} if tool_defs(body) is not None else set())
     out: list[tuple[str, Any, bool]] = []
     for k, v in body.items():
-        if k in _NOT_PARAMS:
+        if k in skip:
             continue
         if isinstance(v, dict | list):
             out.append((k, pretty_json(v), True))
