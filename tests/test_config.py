@@ -112,3 +112,9 @@ def test_env_value_errors_name_the_variable() -> None:
     with pytest.raises(ConfigError) as exc:
         load_settings(env={"KEEL_WORKERS": "two"})
     assert exc.value.key == "KEEL_WORKERS"
+
+
+def test_configuration_doc_lists_every_setting() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for s in SETTINGS:
+        assert f"`{s.env}`" in doc and f"`{s.name}`" in doc, s.name

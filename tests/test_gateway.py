@@ -466,3 +466,47 @@ def test_anthropic_sdk_is_not_confused_by_openai_route(keel: Keel) -> None:
     c = anthropic.Anthropic(base_url=keel.url, api_key=keel.master_key, max_retries=0)
     with pytest.raises(anthropic.NotFoundError):
         c.messages.create(model="claude-haiku", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_too_large_413_is_traced(
+    backend: str,
+    mock_upstream: MockProvider,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> None:
+    from tests.conftest import BACKENDS, make_keel
+
+    if backend not in BACKENDS:
+        pytest.fail(f"backend {backend} excluded by KEEL_TEST_BACKENDS; this leg is required in CI")
+    server, app = make_keel(
+        backend, tmp_path_factory.mktemp("small"), mock_upstream, request, max_request_bytes=2048
+    )
+    k = Keel(server, app, backend)
+    try:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 4096}]}
+        span = _error_trace(k, post(k, body), 413, "request_too_large")
+        assert span["input"] is None  # the oversized body is refused unread
+        # chunked upload without content-length is cut off too
+        chunks = (b"x" * 1024 for _ in range(8))
+        r = httpx.post(
+            k.url + "/v1/chat/completions",
+            content=chunks,
+            headers={"authorization": f"Bearer {k.master_key}"},
+        )
+        assert r.status_code == 413
+        with pytest.raises(openai.APIStatusError) as exc:
+            client(k).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "y" * 4096}]
+            )
+        assert exc.value.status_code == 413
+    finally:
+        k.http.close()
+        server.stop()
+
+
+def test_usage_is_counted_when_the_upstream_reports_none() -> None:
+    from keel.gateway.core import _estimate_usage
+
+    u = _estimate_usage({"messages": [{"role": "user", "content": "hello world"}]}, "Hi there, friend.")
+    assert u.estimated and u.input_tokens == 3 + 3 + 2 and u.output_tokens == 5
