@@ -1,4 +1,9 @@
-"""USD cost of LLM calls from the offline `genai-prices` catalog, with per-model config overrides."""
+"""USD cost of LLM calls from the offline `genai-prices` catalog, with per-model config overrides.
+
+A catalog lookup costs a few hundred microseconds, so per (model, provider) the per-token rates are
+looked up once and cached; ordinary calls are then arithmetic.  Calls large enough to reach a
+tiered price band (long-context surcharges) are priced by the catalog exactly.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,20 @@ from typing import Any
 
 from keel.types import Usage
 
-__all__ = ["price", "price_known"]
+__all__ = ["price", "rates"]
 
 # keel provider names → genai-prices provider ids
-_PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "openai-compatible": None}
-
-
-@functools.lru_cache(maxsize=4096)
-def price_known(model: str, provider: str | None) -> bool:
-    """Whether the catalog has a price for ``model`` (cached: the lookup scans the catalog)."""
-    return _calc(model, provider, 1, 1, 0) is not None
+_PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic"}
+_MTOK = 1_000_000
+# below this many input tokens, no catalog price tier applies (the smallest tier starts at 128k)
+_LINEAR_LIMIT = 100_000
 
 
 def _calc(model: str, provider: str | None, inp: int, out: int, cached: int) -> float | None:
     from genai_prices import Usage as GPUsage
     from genai_prices import calc_price
 
-    pid = _PROVIDER_IDS.get(provider or "", None)
+    pid = _PROVIDER_IDS.get(provider or "")
     kwargs: dict[str, Any] = {"provider_id": pid} if pid else {}
     try:
         with warnings.catch_warnings():
@@ -33,6 +35,17 @@ def _calc(model: str, provider: str | None, inp: int, out: int, cached: int) -> 
             return float(calc_price(usage, model, **kwargs).total_price)
     except (LookupError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def rates(model: str, provider: str | None) -> tuple[float, float, float] | None:
+    """USD per token (input, output, cached input) from the catalog, or None when the model is unknown."""
+    base = _calc(model, provider, 1000, 0, 0)
+    if base is None:
+        return None
+    out = _calc(model, provider, 0, 1000, 0) or 0.0
+    cached = _calc(model, provider, 1000, 0, 1000)
+    return base / 1000, out / 1000, (base if cached is None else cached) / 1000
 
 
 def price(
@@ -50,9 +63,15 @@ def price(
     inp = usage.input_tokens or 0
     out = usage.output_tokens or 0
     if override is not None:
-        return (inp * override[0] + out * override[1]) / 1_000_000
-    if not model or provider == "local":
-        return 0.0 if provider == "local" else None
-    if not price_known(model, provider):
+        return (inp * override[0] + out * override[1]) / _MTOK
+    if provider == "local":
+        return 0.0
+    if not model:
         return None
-    return _calc(model, provider, inp, out, usage.cached_input_tokens or 0)
+    r = rates(model, provider)
+    if r is None:
+        return None
+    cached = min(usage.cached_input_tokens or 0, inp)
+    if inp >= _LINEAR_LIMIT:
+        return _calc(model, provider, inp, out, cached)
+    return (inp - cached) * r[0] + cached * r[2] + out * r[1]
