@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -31,9 +32,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def make_engine(url: str, **kw: Any) -> Engine:
-    """Create an engine; SQLite files get their directory created and WAL switched on."""
+    """Create an engine; SQLite files get their directory created and WAL switched on. JSON via orjson."""
     url = normalise_url(url)
+    kw.setdefault("json_serializer", _json_dumps)
+    kw.setdefault("json_deserializer", orjson.loads)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database

@@ -30,8 +30,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def from_epoch(t: float) -> datetime:
-    return datetime.fromtimestamp(t, UTC).replace(tzinfo=None)
+    """Naive UTC datetime from epoch seconds (timedelta arithmetic: far cheaper than fromtimestamp(tz=UTC))."""
+    return _EPOCH + timedelta(seconds=t)
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -280,61 +284,59 @@ class Store:
     def write_spans(self, spans: Iterable[dict[str, Any]]) -> int:
         """Insert finished spans and fold them into their traces' summary rows, in one transaction.
 
-        A span already stored (same trace_id and span_id) is skipped, so a retried batch is harmless.
+        New traces (the common case: one gateway call) are summarised in Python and bulk-inserted;
+        traces that already exist are updated. A span already stored (same trace_id and span_id) is
+        skipped, so a retried batch is harmless.
         """
         batch = list(spans)
         if not batch:
             return 0
-        by_trace: dict[str, list[dict[str, Any]]] = {}
-        for sp in batch:
-            by_trace.setdefault(sp["trace_id"], []).append(sp)
-        with Session(self.engine) as s, s.begin():
+        trace_ids = list({sp["trace_id"] for sp in batch})
+        with self.engine.begin() as conn:
             existing_spans = set(
-                s.execute(select(Span.trace_id, Span.span_id).where(Span.trace_id.in_(list(by_trace)))).all()
+                conn.execute(select(Span.trace_id, Span.span_id).where(Span.trace_id.in_(trace_ids))).all()
             )
             fresh = [sp for sp in batch if (sp["trace_id"], sp["span_id"]) not in existing_spans]
             if not fresh:
                 return 0
-            s.execute(insert(Span), [_span_row(sp) for sp in fresh])
-            traces = {
-                t.trace_id: t for t in s.scalars(select(Trace).where(Trace.trace_id.in_(list(by_trace))))
+            conn.execute(insert(Span), [_span_row(sp) for sp in fresh])
+            known = {
+                row.trace_id: dict(row._mapping)
+                for row in conn.execute(select(Trace).where(Trace.trace_id.in_(trace_ids)))
             }
+            new: dict[str, dict[str, Any]] = {}
+            changed: dict[str, dict[str, Any]] = {}
             tag_rows: set[tuple[str, str]] = set()
             for sp in fresh:
-                t = traces.get(sp["trace_id"])
-                if t is None:
-                    t = Trace(
-                        trace_id=sp["trace_id"],
-                        project_id=sp["project_id"],
-                        key_id=sp["key_id"],
-                        name=sp["name"],
-                        start_time=sp["start_time"],
-                        end_time=sp["end_time"],
-                        latency_ms=0.0,
-                        status="ok",
-                        input_tokens=0,
-                        output_tokens=0,
-                        cost_usd=None,
-                        span_count=0,
-                        tags=[],
-                    )
-                    s.add(t)
-                    traces[t.trace_id] = t
+                tid = sp["trace_id"]
+                t = known.get(tid)
+                if t is not None:
+                    changed[tid] = t
+                else:
+                    t = new.get(tid)
+                    if t is None:
+                        t = new[tid] = _new_summary(sp)
                 _fold(t, sp)
                 for tag in sp.get("tags") or ():
-                    tag_rows.add((sp["trace_id"], tag))
-            s.flush()
+                    tag_rows.add((tid, tag))
+            if new:
+                conn.execute(insert(Trace), list(new.values()))
+            for tid, t in changed.items():
+                values = {k: v for k, v in t.items() if k != "trace_id"}
+                conn.execute(update(Trace).where(Trace.trace_id == tid).values(**values))
             if tag_rows:
-                have = set(
-                    s.execute(
-                        select(TraceTag.trace_id, TraceTag.tag).where(
-                            TraceTag.trace_id.in_([tid for tid, _ in tag_rows])
-                        )
-                    ).all()
-                )
+                have: set[tuple[str, str]] = set()
+                if changed:
+                    have = set(
+                        conn.execute(
+                            select(TraceTag.trace_id, TraceTag.tag).where(
+                                TraceTag.trace_id.in_(list(changed))
+                            )
+                        ).all()
+                    )
                 new_tags = [{"trace_id": tid, "tag": tag} for tid, tag in tag_rows if (tid, tag) not in have]
                 if new_tags:
-                    s.execute(insert(TraceTag), new_tags)
+                    conn.execute(insert(TraceTag), new_tags)
         return len(fresh)
 
     def delete_traces_before(self, cutoff: datetime, batch: int = 1000) -> int:
@@ -450,34 +452,57 @@ def _span_row(sp: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _fold(t: Trace, sp: dict[str, Any]) -> None:
-    """Fold one span into its trace's summary."""
-    t.span_count = (t.span_count or 0) + 1
-    if sp["start_time"] < t.start_time:
-        t.start_time = sp["start_time"]
-    if sp["end_time"] > t.end_time:
-        t.end_time = sp["end_time"]
-    t.latency_ms = (t.end_time - t.start_time).total_seconds() * 1000.0
+def _new_summary(sp: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "trace_id": sp["trace_id"],
+        "project_id": None,
+        "key_id": None,
+        "name": sp["name"],
+        "start_time": sp["start_time"],
+        "end_time": sp["end_time"],
+        "latency_ms": 0.0,
+        "status": "ok",
+        "model": None,
+        "provider": None,
+        "user_id": None,
+        "session_id": None,
+        "tags": None,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cost_usd": None,
+        "error": None,
+        "span_count": 0,
+    }
+
+
+def _fold(t: dict[str, Any], sp: dict[str, Any]) -> None:
+    """Fold one span into its trace's summary (a dict of the traces row)."""
+    t["span_count"] = (t["span_count"] or 0) + 1
+    if sp["start_time"] < t["start_time"]:
+        t["start_time"] = sp["start_time"]
+    if sp["end_time"] > t["end_time"]:
+        t["end_time"] = sp["end_time"]
+    t["latency_ms"] = (t["end_time"] - t["start_time"]).total_seconds() * 1000.0
     if sp.get("parent_span_id") is None:
-        t.name = sp["name"]
+        t["name"] = sp["name"]
     if sp["status"] == "error":
-        t.status = "error"
-        t.error = t.error or sp.get("error")
-    for attr, key in (
+        t["status"] = "error"
+        t["error"] = t["error"] or sp.get("error")
+    for col, key in (
         ("project_id", "project_id"),
         ("key_id", "key_id"),
         ("user_id", "user"),
         ("session_id", "session_id"),
     ):
-        if getattr(t, attr) is None and sp.get(key) is not None:
-            setattr(t, attr, sp[key])
+        if t[col] is None and sp.get(key) is not None:
+            t[col] = sp[key]
     if sp["kind"] == "llm":
-        t.model = t.model or sp.get("requested_model") or sp.get("model")
-        t.provider = t.provider or sp.get("provider")
-        t.input_tokens = (t.input_tokens or 0) + (sp.get("input_tokens") or 0)
-        t.output_tokens = (t.output_tokens or 0) + (sp.get("output_tokens") or 0)
+        t["model"] = t["model"] or sp.get("requested_model") or sp.get("model")
+        t["provider"] = t["provider"] or sp.get("provider")
+        t["input_tokens"] = (t["input_tokens"] or 0) + (sp.get("input_tokens") or 0)
+        t["output_tokens"] = (t["output_tokens"] or 0) + (sp.get("output_tokens") or 0)
         if sp.get("cost_usd") is not None:
-            t.cost_usd = (t.cost_usd or 0.0) + sp["cost_usd"]
-    tags = sp.get("tags") or []
+            t["cost_usd"] = (t["cost_usd"] or 0.0) + sp["cost_usd"]
+    tags = sp.get("tags")
     if tags:
-        t.tags = sorted(set(t.tags or []) | set(tags))
+        t["tags"] = sorted(set(t["tags"] or []) | set(tags))
