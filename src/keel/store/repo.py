@@ -328,7 +328,8 @@ class Store:
                 have: set[tuple[str, str]] = set()
                 if changed:
                     have = set(
-                        conn.execute(
+                        (r[0], r[1])
+                        for r in conn.execute(
                             select(TraceTag.trace_id, TraceTag.tag).where(
                                 TraceTag.trace_id.in_(list(changed))
                             )
