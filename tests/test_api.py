@@ -30,8 +30,13 @@ def _send(
         return str(exc.response.headers["x-keel-trace-id"])
 
 
+def test_unknown_routes_are_openai_shaped_404(keel: Keel) -> None:
+    r = keel.http.post("/v1/nothing-here", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
 def test_api_requires_a_key(keel: Keel) -> None:
-    for path in ("/api/traces", "/api/keys", "/metrics"):
+    for path in ("/api/traces", "/api/keys", "/metrics", "/openapi.json"):
         r = httpx.get(keel.url + path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
         r = httpx.get(keel.url + path, headers={"authorization": "Bearer nope"})
@@ -177,7 +182,8 @@ def test_trace_detail_shape(keel: Keel) -> None:
 
 
 def test_openapi_documents_routes(keel: Keel) -> None:
-    doc = httpx.get(keel.url + "/openapi.json").json()
+    assert httpx.get(keel.url + "/openapi.json").status_code == 401
+    doc = keel.http.get("/openapi.json").json()
     paths = set(doc["paths"])
     assert {
         "/api/traces",

@@ -10,9 +10,16 @@ from keel.types import Usage
 
 @pytest.mark.parametrize(
     ("model", "provider"),
-    [("gpt-4o-mini", "openai"), ("gpt-4o", "openai"), ("claude-3-5-haiku-latest", "anthropic"), ("claude-sonnet-4-0", "anthropic")],
+    [
+        ("gpt-4o-mini", "openai"),
+        ("gpt-4o", "openai"),
+        ("claude-3-5-haiku-latest", "anthropic"),
+        ("claude-sonnet-4-0", "anthropic"),
+    ],
 )
-@pytest.mark.parametrize(("inp", "out", "cached"), [(1, 1, 0), (1234, 567, 200), (99_000, 4000, 0), (150_000, 100, 1000)])
+@pytest.mark.parametrize(
+    ("inp", "out", "cached"), [(1, 1, 0), (1234, 567, 200), (99_000, 4000, 0), (150_000, 100, 1000)]
+)
 def test_price_matches_catalog(model: str, provider: str, inp: int, out: int, cached: int) -> None:
     got = price(model, provider, Usage(input_tokens=inp, output_tokens=out, cached_input_tokens=cached))
     assert got is not None and got > 0

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import keel
 from keel.config import SETTINGS, ModelConfig, Settings
@@ -156,15 +157,16 @@ def create_app(
         version=keel.__version__,
         description="keel's gateway and management API. Authenticate with `Authorization: Bearer <key>`.",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # Swagger UI loads from a CDN; keel serves nothing from the network
         redoc_url=None,
+        openapi_url=None,  # served below, behind auth like every route but /health
     )
     api.state.keel = state
     api.include_router(build_api_router())
     _document_gateway(api)
 
-    @api.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = (
             exc.detail
             if isinstance(exc.detail, dict)
@@ -185,6 +187,11 @@ def create_app(
             {"error": {"message": msg, "type": "invalid_request_error", "code": "invalid_request"}},
             status_code=400,
         )
+
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(request: Request) -> Response:
+        principal_from_request(request)
+        return JSONResponse(api.openapi())
 
     @api.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:
