@@ -20,7 +20,7 @@ from keel.providers.anthropic_format import (
     anthropic_to_openai_response,
     openai_to_anthropic_request,
 )
-from keel.providers.base import HTTPProvider, SSEParser, connection_error, error_from_status
+from keel.providers.base import HTTPProvider, SSEParser, connection_error
 from keel.providers.openai import usage_from_openai
 from keel.types import ChatResult, Usage
 
@@ -109,19 +109,10 @@ class AnthropicProvider(HTTPProvider):
 
     async def chat(self, body: dict[str, Any], headers: dict[str, str]) -> ChatResult:
         payload, ctx = self._translate(body, False)
+        data, _ = await self.post_json(self.url, payload, headers)
         try:
-            async with self.session.post(
-                self.url, data=payload, headers={**self._headers, **headers}
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise error_from_status(resp.status, raw, resp.headers, self.label)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise connection_error(exc, self.label) from None
-        try:
-            data = orjson.loads(raw)
             out = anthropic_to_openai_response(data, body["model"], ctx)
-        except (orjson.JSONDecodeError, TranslationError, KeyError, TypeError, AttributeError):
+        except (TranslationError, KeyError, TypeError, AttributeError):
             raise UpstreamError(
                 f"upstream {self.label} returned a malformed response", code="upstream_bad_response"
             ) from None
@@ -132,18 +123,7 @@ class AnthropicProvider(HTTPProvider):
     async def chat_stream(self, body: dict[str, Any], headers: dict[str, str]) -> _AnthropicStream:
         payload, ctx = self._translate(body, True)
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        try:
-            resp = await self.session.post(self.url, data=payload, headers={**self._headers, **headers})
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise connection_error(exc, self.label) from None
-        if resp.status != 200:
-            try:
-                raw = await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise connection_error(exc, self.label) from None
-            finally:
-                resp.release()
-            raise error_from_status(resp.status, raw, resp.headers, self.label)
+        resp = await self.open_stream(self.url, payload, headers)
         translator = AnthropicToOpenAIStream(
             body["model"], ctx, include_usage=wants_usage, created=int(time.time())
         )

@@ -142,6 +142,54 @@ class HTTPProvider:
             )
         return self._session
 
+    _headers: dict[str, str]
+
+    async def post_json(
+        self, url: str, payload: bytes, headers: dict[str, str]
+    ) -> tuple[dict[str, Any], bytes]:
+        """POST ``payload``; return the JSON object answered and its raw bytes. Failures are mapped."""
+        try:
+            async with self.session.post(url, data=payload, headers={**self._headers, **headers}) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise error_from_status(resp.status, raw, resp.headers, self.label)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise connection_error(exc, self.label) from None
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"upstream {self.label} returned malformed JSON", code="upstream_bad_response"
+            ) from None
+        if not isinstance(data, dict):
+            raise UpstreamError(
+                f"upstream {self.label} returned an unexpected body", code="upstream_bad_response"
+            )
+        return data, raw
+
+    async def open_stream(self, url: str, payload: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """POST a streaming request; return the open response once it is known to be a 200 event stream."""
+        try:
+            resp = await self.session.post(url, data=payload, headers={**self._headers, **headers})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise connection_error(exc, self.label) from None
+        if resp.status != 200:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise connection_error(exc, self.label) from None
+            finally:
+                resp.release()
+            raise error_from_status(resp.status, raw, resp.headers, self.label)
+        ctype = resp.headers.get("content-type", "")
+        if "text/event-stream" not in ctype:
+            resp.release()
+            raise UpstreamError(
+                f"upstream {self.label} answered a stream request with {ctype or 'no content type'}",
+                code="upstream_bad_response",
+            )
+        return resp
+
     async def aclose(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()

@@ -12,7 +12,7 @@ import orjson
 from keel.config import ModelConfig, Settings
 from keel.errors import UpstreamError
 from keel.plugins import hookimpl
-from keel.providers.base import HTTPProvider, SSEParser, connection_error, error_from_status
+from keel.providers.base import HTTPProvider, SSEParser, connection_error
 from keel.types import ChatResult, Usage
 
 __all__ = ["OpenAIProvider", "OpenAIStream", "usage_from_openai"]
@@ -138,22 +138,8 @@ class OpenAIProvider(HTTPProvider):
         return orjson.dumps(out)
 
     async def chat(self, body: dict[str, Any], headers: dict[str, str]) -> ChatResult:
-        try:
-            async with self.session.post(
-                self.url, data=self._payload(body, False), headers={**self._headers, **headers}
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise error_from_status(resp.status, raw, resp.headers, self.label)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise connection_error(exc, self.label) from None
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"upstream {self.label} returned malformed JSON", code="upstream_bad_response"
-            ) from None
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        data, raw = await self.post_json(self.url, self._payload(body, False), headers)
+        if not isinstance(data.get("choices"), list):
             raise UpstreamError(
                 f"upstream {self.label} returned an unexpected body", code="upstream_bad_response"
             )
@@ -166,46 +152,12 @@ class OpenAIProvider(HTTPProvider):
 
     async def chat_stream(self, body: dict[str, Any], headers: dict[str, str]) -> OpenAIStream:
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        try:
-            resp = await self.session.post(
-                self.url, data=self._payload(body, True), headers={**self._headers, **headers}
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise connection_error(exc, self.label) from None
-        if resp.status != 200:
-            try:
-                raw = await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise connection_error(exc, self.label) from None
-            finally:
-                resp.release()
-            raise error_from_status(resp.status, raw, resp.headers, self.label)
-        ctype = resp.headers.get("content-type", "")
-        if "text/event-stream" not in ctype:
-            resp.release()
-            raise UpstreamError(
-                f"upstream {self.label} answered a stream request with {ctype or 'no content type'}",
-                code="upstream_bad_response",
-            )
+        resp = await self.open_stream(self.url, self._payload(body, True), headers)
         return OpenAIStream(resp, self.label, wants_usage)
 
     async def embeddings(self, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
         payload = orjson.dumps({**body, "model": self.deployment.upstream_model})
-        try:
-            async with self.session.post(
-                self.embeddings_url, data=payload, headers={**self._headers, **headers}
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise error_from_status(resp.status, raw, resp.headers, self.label)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise connection_error(exc, self.label) from None
-        try:
-            data: dict[str, Any] = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"upstream {self.label} returned malformed JSON", code="upstream_bad_response"
-            ) from None
+        data, _ = await self.post_json(self.embeddings_url, payload, headers)
         return data
 
 
