@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
-from keel.config import ModelConfig, Settings
+from keel.config import CooldownConfig, ModelConfig, RetryConfig, RoutingConfig, Settings
 from keel.providers.local import local_available
 from keel.server import create_app
 from keel.store import Store
@@ -210,12 +210,19 @@ def make_keel(
         db_url, redis = request.getfixturevalue("pg_database"), request.getfixturevalue("redis_url")
     else:
         raise ValueError(backend)
+    # the shared instance sees many deliberate faults: no cooldowns there (tests of cooldowns build their own)
+    overrides.setdefault(
+        "routing",
+        RoutingConfig(
+            cooldown=CooldownConfig(allowed_fails=1_000_000), retry=RetryConfig(backoff_base_s=0.01)
+        ),
+    )
+    overrides.setdefault("models", test_models(mock))
     settings = Settings(
         database_url=db_url,
         redis_url=redis,
         master_key=MASTER_KEY,
         data_dir=str(tmp),
-        models=test_models(mock),
         trace_flush_interval_s=0.05,
         **overrides,
     )

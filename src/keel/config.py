@@ -21,8 +21,12 @@ from keel.errors import ConfigError
 
 __all__ = [
     "SETTINGS",
+    "STRATEGIES",
+    "CooldownConfig",
     "FallbackConfig",
     "ModelConfig",
+    "RetryConfig",
+    "RoutingConfig",
     "Setting",
     "Settings",
     "load_settings",
@@ -133,7 +137,15 @@ class ModelConfig(BaseModel):
     priority: int = 1
     timeout_s: float | None = Field(default=None, gt=0)
     connect_timeout_s: float | None = Field(default=None, gt=0)
-    max_retries: int = Field(default=0, ge=0, le=10)
+    max_retries: int = Field(
+        default=1, ge=0, le=10, description="Retries on this deployment (429, 5xx, timeouts, resets)."
+    )
+    stream_timeout_s: float | None = Field(
+        default=None, gt=0, description="Longest silence between stream chunks."
+    )
+    max_input_tokens: int | None = Field(
+        default=None, gt=0, description="Context window; longer prompts go to context fallbacks."
+    )
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
     input_cost_per_mtok: float | None = Field(default=None, ge=0)
@@ -155,17 +167,69 @@ class ModelConfig(BaseModel):
         return self.model or self.name
 
 
-class FallbackConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
+STRATEGIES = ("weighted", "lowest-latency", "least-busy", "lowest-cost", "priority")
+
+
+class CooldownConfig(BaseModel):
+    """Circuit breaker: `allowed_fails` failures within `window_s` take a deployment out for `cooldown_s`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed_fails: int = Field(default=3, ge=1)
+    window_s: float = Field(default=60.0, gt=0)
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class RetryConfig(BaseModel):
+    """Backoff between retries: exponential from `backoff_base_s`, capped, with full jitter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backoff_base_s: float = Field(default=0.1, ge=0)
+    backoff_max_s: float = Field(default=5.0, ge=0)
+    max_retry_after_s: float = Field(
+        default=30.0, ge=0, description="Longest upstream retry-after keel waits out."
+    )
+
+
+class RoutingConfig(BaseModel):
+    """How requests for a public model name are routed, retried and failed over."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    context_window_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    content_policy_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    strategy: str = Field(default="weighted", description="Default strategy for every name.")
+    strategies: dict[str, str] = Field(default_factory=dict, description="Strategy per public name.")
+    aliases: dict[str, str] = Field(default_factory=dict, description="alias -> public name")
+    cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r} (known: {', '.join(STRATEGIES)})")
+        return v
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, strat in v.items():
+            if strat not in STRATEGIES:
+                raise ValueError(f"{name}: unknown strategy {strat!r} (known: {', '.join(STRATEGIES)})")
+        return v
+
+
+FallbackConfig = RoutingConfig  # the name the first release used
 
 
 class _FileShape(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelConfig] = Field(default_factory=list)
-    routing: FallbackConfig = Field(default_factory=FallbackConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
 
 @dataclass(frozen=True)
@@ -192,6 +256,7 @@ class Settings:
     retention_days: float = 0.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def with_overrides(self, **kw: Any) -> Settings:
         return replace(self, **kw)
@@ -310,12 +375,21 @@ def load_settings(
         seen.add(ident)
         models.append(m.model_copy(update={"api_key": api_key}))
     names = {m.name for m in models}
-    fallbacks: dict[str, tuple[str, ...]] = {}
-    for name, targets in shape.routing.fallbacks.items():
-        for t in targets:
-            if t not in names:
-                raise ConfigError(f"routing.fallbacks.{name}", f"unknown model {t!r}")
-        fallbacks[name] = tuple(targets)
+    routing = shape.routing
+    for alias, target in routing.aliases.items():
+        if target not in names:
+            raise ConfigError(f"routing.aliases.{alias}", f"unknown model {target!r}")
+        if alias in names:
+            raise ConfigError(f"routing.aliases.{alias}", "an alias may not shadow a configured model name")
+    for section in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+        for name, targets in getattr(routing, section).items():
+            for t in targets:
+                if t not in names:
+                    raise ConfigError(f"routing.{section}.{name}", f"unknown model {t!r}")
+    for name in routing.strategies:
+        if name not in names:
+            raise ConfigError(f"routing.strategies.{name}", "unknown model")
+    fallbacks = {name: tuple(targets) for name, targets in routing.fallbacks.items()}
 
     for s in SETTINGS:
         v = values[s.name]
@@ -331,5 +405,8 @@ def load_settings(
 
     known = {f.name for f in fields(Settings)}
     return Settings(
-        **{k: v for k, v in values.items() if k in known}, models=tuple(models), fallbacks=fallbacks
+        **{k: v for k, v in values.items() if k in known},
+        models=tuple(models),
+        fallbacks=fallbacks,
+        routing=routing,
     )

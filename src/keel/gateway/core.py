@@ -6,22 +6,35 @@ Nothing here touches the database: keys come from :class:`KeyCache`, models from
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import random
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from keel.config import Settings
-from keel.errors import BadRequest, Forbidden, KeelError, NotFound, Unauthorized, UpstreamError
+from keel.config import RetryConfig, Settings
+from keel.errors import (
+    BadRequest,
+    Forbidden,
+    KeelError,
+    NotFound,
+    Unauthorized,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from keel.gateway.asgi import ClientGone, Receive, Scope, Send, read_body, send_bytes, send_error
 from keel.gateway.auth import KeyCache, bearer_token
-from keel.gateway.routing import ModelTable
+from keel.gateway.health import HealthBoard
+from keel.gateway.routing import Deployment, ModelTable, Router
 from keel.gateway.stats import GatewayStats
 from keel.tracing import TraceWriter, new_span_id, new_trace_id, parse_traceparent
-from keel.types import Principal, SpanRecord, Usage
+from keel.types import ChatResult, Principal, SpanRecord, Usage
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "OpenAIResponder", "Responder"]
 
 log = logging.getLogger("keel.gateway")
 
@@ -103,13 +116,18 @@ class Gateway:
         models: ModelTable,
         writer: TraceWriter,
         stats: GatewayStats | None = None,
+        health: HealthBoard | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.models = models
         self.writer = writer
         self.stats = stats or GatewayStats()
+        self.health = health or HealthBoard(settings.routing.cooldown)
+        self.router = Router(models, settings.routing, self.health)
         self.limit = settings.max_request_bytes
+        # estimating prompt tokens costs time: only when a deployment declares a context window
+        self._needs_estimate = any(d.config.max_input_tokens for d in models.all())
 
     # -- shared steps -----------------------------------------------------------------------------
 
@@ -146,11 +164,16 @@ class Gateway:
             stream=bool(body.get("stream")),
         )
 
-    def _finish(self, req: _Req, rec: SpanRecord, route: str) -> None:
+    def _finish(self, req: _Req, rec: SpanRecord, route: str, run: _Run | None = None) -> None:
         elapsed = time.perf_counter() - req.start_pc
         model = rec.requested_model or "-"
         st = self.stats
         st.requests[(route, model, str(rec.status_code))] += 1
+        if run is not None and run.served is not None:
+            st.by_deployment[(run.served.label, str(rec.status_code))] += 1
+        if run is not None and (len(run.attempts) > 1 or run.skipped):
+            for child in run.child_spans(rec):
+                self.writer.submit(child)
         st.latency[route].observe(elapsed)
         if rec.status == "error" and rec.error:
             st.errors[(route, rec.error.split(":", 1)[0])] += 1
@@ -220,91 +243,189 @@ class Gateway:
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/chat/completions."""
         req = _Req(scope)
-        name = "chat.completions"
+        out = OpenAIResponder(send, req.trace_id)
         if scope["method"] != "POST":
-            await self._fail(
-                req, send, KeelError("use POST", status=405, code="method_not_allowed"), _ROUTE_CHAT, name
-            )
+            err = KeelError("use POST", status=405, code="method_not_allowed")
+            await self._fail(req, send, err, _ROUTE_CHAT, "chat.completions")
             return
         try:
             req.principal = self.authenticate(req)
             raw = await read_body(scope, receive, self.limit, req.content_length)
             body = req.body = self.parse_chat(raw)
-            model = body["model"]
-            dep = self.models.choose(model)
-            if dep is None:
+        except ClientGone:
+            return
+        except KeelError as err:
+            await self._fail(req, send, err, _ROUTE_CHAT, "chat.completions")
+            return
+        await self.serve_chat(req, body, out, _ROUTE_CHAT, "chat.completions")
+
+    async def serve_chat(
+        self, req: _Req, body: dict[str, Any], out: Responder, route: str, name: str
+    ) -> None:
+        """Route a validated OpenAI-shaped chat request through deployments, retries and fallbacks."""
+        assert req.principal is not None
+        model = body["model"]
+        target = self.router.resolve(model)
+        run = _Run(req)
+        try:
+            if target is None:
                 raise NotFound(
                     f"model '{model}' does not exist or is not served here",
                     code="model_not_found",
                     param="model",
                 )
-            if not req.principal.may_use(model):
+            if not (req.principal.may_use(model) or req.principal.may_use(target)):
                 raise Forbidden(f"this key is not allowed to use model '{model}'", code="model_not_allowed")
-        except ClientGone:
-            return
-        except KeelError as err:
-            await self._fail(req, send, err, _ROUTE_CHAT, name)
-            return
-
-        upstream_headers = {"traceparent": f"00-{req.trace_id}-{req.span_id}-01"}
-        rec: SpanRecord
-        if body.get("stream"):
-            await self._stream(req, send, body, dep, upstream_headers)
-            return
-        t_up = time.perf_counter()
-        try:
-            result = await dep.provider.chat(body, upstream_headers)
+            if body.get("stream"):
+                await self._run_stream(req, body, target, run, out, route, name)
+            else:
+                result = await self._attempt_all(body, target, run, stream=False)
+                assert isinstance(result, ChatResult)
+                try:
+                    await out.complete(result)
+                finally:
+                    rec = self._span(req, name, 200)
+                    run.describe(rec)
+                    rec.model = result.served_model or (
+                        run.served.config.upstream_model if run.served else None
+                    )
+                    rec.usage = result.usage
+                    rec.output = result.body
+                    self.stats.overhead[route].observe(
+                        max(0.0, time.perf_counter() - req.start_pc - run.upstream_s)
+                    )
+                    self._finish(req, rec, route, run)
         except KeelError as err:
             rec = self._span(req, name, err.status, err)
-            self._describe(rec, dep)
-            self._finish(req, rec, _ROUTE_CHAT)
-            await send_error(send, err, [(b"x-keel-trace-id", req.trace_id.encode())])
-            return
-        up_elapsed = time.perf_counter() - t_up
-        payload = result.raw if result.raw is not None else orjson.dumps(result.body)
-        hdrs = [(b"x-keel-trace-id", req.trace_id.encode())]
-        try:
-            await send_bytes(send, 200, payload, hdrs)
-        finally:
-            rec = self._span(req, name, 200)
-            self._describe(rec, dep)
-            rec.model = result.served_model or dep.config.upstream_model
-            rec.usage = result.usage
-            rec.output = result.body
-            self.stats.overhead[_ROUTE_CHAT].observe(
-                max(0.0, time.perf_counter() - req.start_pc - up_elapsed)
-            )
-            self._finish(req, rec, _ROUTE_CHAT)
+            run.describe(rec)
+            self._finish(req, rec, route, run)
+            try:
+                await out.error(err)
+            except OSError:
+                pass
 
-    @staticmethod
-    def _describe(rec: SpanRecord, dep: Any) -> None:
-        rec.provider = dep.config.provider
-        rec.deployment = f"{dep.config.name}:{dep.config.provider}:{dep.config.upstream_model}"
-        rec.model = dep.config.upstream_model
-        rec.price_override = dep.price_override
+    async def _attempt_all(self, body: dict[str, Any], target: str, run: _Run, *, stream: bool) -> Any:
+        """Try deployments of ``target``, retrying and falling back; return a ChatResult or an open stream."""
+        routing = self.router.routing
+        queue: list[tuple[str, str]] = [(target, "primary")]
+        seen: set[str] = set()
+        last: KeelError | None = None
+        prompt_tokens = _prompt_estimate(body) if self._needs_estimate else None
+        while queue:
+            name, why = queue.pop(0)
+            if name in seen:
+                continue
+            seen.add(name)
+            plan = self.router.plan(name, prompt_tokens)
+            run.skipped += plan.skipped
+            if why != "primary":
+                self.stats.fallbacks[(target, name, why)] += 1
+            escalate: str | None = None
+            if not plan.candidates and any("context window" in reason for _, reason in plan.skipped):
+                escalate = "context_window_fallbacks"
+            for di, dep in enumerate(plan.candidates):
+                more_after = (
+                    di < len(plan.candidates) - 1 or bool(queue) or bool(self.router.fallbacks(target))
+                )
+                attempt = 0
+                while True:
+                    attempt += 1
+                    t0 = time.perf_counter()
+                    self.health.begin(dep.key, time.monotonic())
+                    headers = {"traceparent": f"00-{run.req.trace_id}-{run.req.span_id}-01"}
+                    try:
+                        if stream:
+                            opened = await dep.provider.chat_stream(body, headers)
+                            it, first = await _first_chunk(opened, dep.config.stream_timeout_s, dep.label)
+                            result: Any = (opened, it, first)
+                        else:
+                            result = await dep.provider.chat(body, headers)
+                    except KeelError as err:
+                        elapsed = time.perf_counter() - t0
+                        run.upstream_s += elapsed
+                        run.attempt(dep, attempt, name, t0, err)
+                        last = err
+                        kind = _classify(err)
+                        if kind == "client":
+                            self.health.release(dep.key)
+                            raise
+                        if kind in ("context", "policy"):
+                            self.health.release(dep.key)
+                            escalate = (
+                                "context_window_fallbacks"
+                                if kind == "context"
+                                else "content_policy_fallbacks"
+                            )
+                            break
+                        retry_after = _retry_after(err)
+                        cooled = self.health.failure(
+                            dep.key,
+                            err.code,
+                            time.monotonic(),
+                            rate_limited=err.status == 429,
+                            retry_after=retry_after,
+                        )
+                        if cooled:
+                            self.stats.cooldowns[dep.key] += 1
+                        if kind == "no-retry" or attempt > dep.config.max_retries:
+                            break
+                        if err.status == 429 and more_after:
+                            break  # rate limited here: another deployment or a fallback answers sooner
+                        if retry_after is not None and retry_after > routing.retry.max_retry_after_s:
+                            break
+                        self.stats.retries[dep.label] += 1
+                        await asyncio.sleep(_backoff(attempt, routing.retry, retry_after))
+                        continue
+                    elapsed = time.perf_counter() - t0
+                    run.upstream_s += elapsed
+                    self.health.success(dep.key, elapsed)
+                    run.attempt(dep, attempt, name, t0, None)
+                    run.served, run.served_name = dep, name
+                    return result
+                if escalate:
+                    break
+            if escalate:
+                nxt = self.router.fallbacks(target, escalate) or self.router.fallbacks(name, escalate)
+                if not nxt and last is not None:
+                    raise last
+                queue = [(n, escalate) for n in nxt] + queue
+                continue
+            if why == "primary":
+                queue += [(n, "fallbacks") for n in self.router.fallbacks(target)]
+        if last is not None:
+            raise last
+        waits = [self.health.get(d.key).cooldown_until - time.monotonic() for d, _ in run.skipped]
+        retry = max(1, int(min(waits))) if waits else 1
+        raise UpstreamUnavailable(
+            f"no deployment of '{target}' can take requests now: "
+            + "; ".join(f"{d.label} {reason}" for d, reason in run.skipped),
+            code="no_deployment_available",
+            headers={"retry-after": str(retry)},
+        )
 
-    async def _stream(
-        self, req: _Req, send: Send, body: dict[str, Any], dep: Any, upstream_headers: dict[str, str]
+    async def _run_stream(
+        self, req: _Req, body: dict[str, Any], target: str, run: _Run, out: Responder, route: str, name: str
     ) -> None:
-        name = "chat.completions"
-        hdrs = [(b"x-keel-trace-id", req.trace_id.encode())]
-        try:
-            stream = await dep.provider.chat_stream(body, upstream_headers)
-        except KeelError as err:
-            rec = self._span(req, name, err.status, err)
-            self._describe(rec, dep)
-            self._finish(req, rec, _ROUTE_CHAT)
-            await send_error(send, err, hdrs)
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + hdrs})
-        first: float | None = None
+        opened, it, first = await self._attempt_all(body, target, run, stream=True)
+        dep = run.served
+        assert dep is not None
+        first_at = time.perf_counter()
+        await out.stream_start()
         error: KeelError | None = None
         client_gone = False
         try:
-            async for chunk in stream:
-                if first is None:
-                    first = time.perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await out.stream_chunk(first)
+            idle = dep.config.stream_timeout_s
+            while True:
+                try:
+                    chunk = await (asyncio.wait_for(it.__anext__(), idle) if idle else it.__anext__())
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise UpstreamTimeout(
+                        f"upstream {dep.label} went silent for {idle}s mid-stream"
+                    ) from None
+                await out.stream_chunk(chunk)
         except KeelError as err:
             error = err
         except OSError:
@@ -312,42 +433,38 @@ class Gateway:
         except Exception as exc:  # never let a provider bug turn into a hung stream
             log.exception("stream failed")
             error = UpstreamError(f"stream failed: {type(exc).__name__}")
-        if error is not None:
-            event = (
-                b'data: {"error": '
-                + orjson.dumps({"message": error.message, "type": error.type, "code": error.code})
-                + b"}\n\n"
-            )
+        if error is not None and not client_gone:
             try:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+                await out.stream_error(error)
             except OSError:
                 client_gone = True
         if not client_gone:
             try:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await out.stream_end()
             except OSError:
                 client_gone = True
-        rec = self._span(
-            req, name, 200 if error is None and not client_gone else (error.status if error else 499), error
-        )
+        if client_gone:
+            with contextlib.suppress(Exception):
+                await it.aclose()
+        status = 200 if error is None and not client_gone else (error.status if error else 499)
+        rec = self._span(req, name, status, error)
         if client_gone and error is None:
             rec.status, rec.error = "error", "client_disconnected: the client closed the stream"
-        self._describe(rec, dep)
-        rec.model = stream.served_model or dep.config.upstream_model
-        usage = stream.usage
+        run.describe(rec)
+        rec.model = opened.served_model or dep.config.upstream_model
+        usage = opened.usage
         if usage.input_tokens is None and usage.output_tokens is None:
-            usage = _estimate_usage(body, stream.output_text)
+            usage = _estimate_usage(body, opened.output_text)
         rec.usage = usage
         rec.output = {
             "role": "assistant",
-            "content": stream.output_text or None,
-            **({"tool_calls": stream.tool_calls} if stream.tool_calls else {}),
-            "finish_reason": stream.finish_reason,
+            "content": opened.output_text or None,
+            **({"tool_calls": opened.tool_calls} if opened.tool_calls else {}),
+            "finish_reason": opened.finish_reason,
         }
-        if first is not None:
-            rec.ttft_ms = (first - req.start_pc) * 1000.0
-            self.stats.ttft[_ROUTE_CHAT].observe(first - req.start_pc)
-        self._finish(req, rec, _ROUTE_CHAT)
+        rec.ttft_ms = (first_at - req.start_pc) * 1000.0
+        self.stats.ttft[route].observe(first_at - req.start_pc)
+        self._finish(req, rec, route, run)
 
     async def list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
         """GET /v1/models: the names this key may use."""
@@ -375,3 +492,158 @@ def _estimate_usage(body: dict[str, Any], output: str) -> Usage:
         output_tokens=count_text(output),
         estimated=True,
     )
+
+
+class Responder(Protocol):
+    """Writes the gateway's answer in the dialect the client called (OpenAI here; Anthropic in messages.py)."""
+
+    async def complete(self, result: ChatResult) -> None: ...
+    async def error(self, err: KeelError) -> None: ...
+    async def stream_start(self) -> None: ...
+    async def stream_chunk(self, chunk: bytes) -> None: ...
+    async def stream_error(self, err: KeelError) -> None: ...
+    async def stream_end(self) -> None: ...
+
+
+class OpenAIResponder:
+    """OpenAI dialect: upstream bytes pass through unchanged."""
+
+    __slots__ = ("_hdrs", "_send")
+
+    def __init__(self, send: Send, trace_id: str) -> None:
+        self._send = send
+        self._hdrs = [(b"x-keel-trace-id", trace_id.encode())]
+
+    async def complete(self, result: ChatResult) -> None:
+        payload = result.raw if result.raw is not None else orjson.dumps(result.body)
+        await send_bytes(self._send, 200, payload, self._hdrs)
+
+    async def error(self, err: KeelError) -> None:
+        await send_error(self._send, err, self._hdrs)
+
+    async def stream_start(self) -> None:
+        await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self._hdrs})
+
+    async def stream_chunk(self, chunk: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def stream_error(self, err: KeelError) -> None:
+        event = (
+            b'data: {"error": '
+            + orjson.dumps({"message": err.message, "type": err.type, "code": err.code})
+            + b"}\n\n"
+        )
+        await self._send({"type": "http.response.body", "body": event, "more_body": True})
+
+    async def stream_end(self) -> None:
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _Run:
+    """The attempts of one request: which deployments were tried, skipped, and which one served."""
+
+    __slots__ = ("attempts", "req", "served", "served_name", "skipped", "upstream_s")
+
+    def __init__(self, req: _Req) -> None:
+        self.req = req
+        self.attempts: list[tuple[Deployment, int, str, float, float, KeelError | None]] = []
+        self.skipped: list[tuple[Deployment, str]] = []
+        self.served: Deployment | None = None
+        self.served_name: str | None = None
+        self.upstream_s = 0.0
+
+    def attempt(self, dep: Deployment, n: int, name: str, t0: float, err: KeelError | None) -> None:
+        self.attempts.append((dep, n, name, t0, time.perf_counter(), err))
+
+    def describe(self, rec: SpanRecord) -> None:
+        """Put the routing outcome on the request's span."""
+        dep = self.served or (self.attempts[-1][0] if self.attempts else None)
+        if dep is not None:
+            rec.provider = dep.config.provider
+            rec.deployment = dep.label
+            rec.model = dep.config.upstream_model
+            rec.price_override = dep.price_override
+        if len(self.attempts) > 1:
+            rec.attributes["keel.attempts"] = len(self.attempts)
+        if self.served_name and rec.requested_model and self.served_name != rec.requested_model:
+            rec.attributes["keel.served_by"] = self.served_name
+        if self.skipped:
+            rec.attributes["keel.skipped"] = [
+                {"deployment": d.label, "reason": why} for d, why in self.skipped
+            ]
+
+    def child_spans(self, parent: SpanRecord) -> list[SpanRecord]:
+        """One child span per attempt (written only when there was more than one, or a skip)."""
+        base_pc, base_t = self.req.start_pc, self.req.start
+        out = []
+        for i, (dep, n, name, t0, t1, err) in enumerate(self.attempts, 1):
+            out.append(
+                SpanRecord(
+                    trace_id=parent.trace_id,
+                    span_id=new_span_id(),
+                    parent_span_id=parent.span_id,
+                    name=f"attempt {i}: {dep.label}",
+                    kind="attempt",
+                    start_time=base_t + (t0 - base_pc),
+                    end_time=base_t + (t1 - base_pc),
+                    status="error" if err else "ok",
+                    status_code=err.status if err else 200,
+                    error=f"{err.code}: {err.message}" if err else None,
+                    project_id=parent.project_id,
+                    key_id=parent.key_id,
+                    requested_model=name,
+                    model=dep.config.upstream_model,
+                    provider=dep.config.provider,
+                    attributes={"keel.deployment": dep.label, "keel.attempt": n, "keel.model_name": name},
+                )
+            )
+        return out
+
+
+def _classify(err: KeelError) -> str:
+    """client: the request is wrong (no retry, no fallback); context/policy: use those fallbacks;
+    no-retry: this deployment cannot serve it (try the next); retry: transient."""
+    if err.code in ("context_length_exceeded", "context_window_exceeded"):
+        return "context"
+    if err.code in ("content_policy_violation", "content_filter"):
+        return "policy"
+    if err.status < 500 and err.status != 429 and err.status != 408:
+        return "client"
+    if err.code == "upstream_auth_error":
+        return "no-retry"
+    return "retry"
+
+
+def _retry_after(err: KeelError) -> float | None:
+    value = err.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _backoff(attempt: int, cfg: RetryConfig, retry_after: float | None) -> float:
+    """Exponential backoff with jitter; never shorter than the upstream's retry-after."""
+    delay = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (attempt - 1)))
+    delay = random.uniform(delay / 2, delay)
+    return max(delay, retry_after or 0.0)
+
+
+async def _first_chunk(stream: Any, idle: float | None, label: str) -> tuple[Any, bytes]:
+    """Pull the first chunk of a stream before committing to it (failures here can still fall back)."""
+    it = stream.__aiter__()
+    try:
+        chunk: bytes = await (asyncio.wait_for(it.__anext__(), idle) if idle else it.__anext__())
+    except StopAsyncIteration:
+        raise UpstreamError(f"upstream {label} sent an empty stream", code="upstream_bad_response") from None
+    except TimeoutError:
+        raise UpstreamTimeout(f"upstream {label} sent nothing for {idle}s") from None
+    return it, chunk
+
+
+def _prompt_estimate(body: dict[str, Any]) -> int:
+    from keel.gateway.tokens import count_messages
+
+    return count_messages(body.get("messages") or [])

@@ -68,6 +68,12 @@ class GatewayStats:
         self.ttft: defaultdict[str, Histogram] = defaultdict(Histogram)
         self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.by_deployment: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.retries: defaultdict[str, int] = defaultdict(int)
+        self.fallbacks: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.cooldowns: defaultdict[str, int] = defaultdict(int)
+        self.cost: defaultdict[tuple[str, str], float] = defaultdict(float)
+        self.health: Any = None  # a HealthBoard, for the cooldown-state gauge
         self.gauges: dict[str, Any] = {}
         self.counters: dict[str, Any] = {}
 
@@ -84,6 +90,47 @@ class GatewayStats:
         for (route, code), n in list(self.errors.items()):
             e.add_metric([route, code], n)
         yield e
+        d = CounterMetricFamily(
+            "keel_deployment_requests",
+            "Requests served by deployment and status",
+            labels=["deployment", "status"],
+        )
+        for (dep, status), n in list(self.by_deployment.items()):
+            d.add_metric([dep, status], n)
+        yield d
+        r = CounterMetricFamily("keel_retries", "Retries by deployment", labels=["deployment"])
+        for dep, n in list(self.retries.items()):
+            r.add_metric([dep], n)
+        yield r
+        f = CounterMetricFamily("keel_fallbacks", "Fallbacks taken", labels=["model", "to", "kind"])
+        for (model, to, kind), n in list(self.fallbacks.items()):
+            f.add_metric([model, to, kind], n)
+        yield f
+        cd = CounterMetricFamily(
+            "keel_cooldowns", "Times a deployment was put into cooldown", labels=["deployment"]
+        )
+        for dep, n in list(self.cooldowns.items()):
+            cd.add_metric([dep], n)
+        yield cd
+        cost = CounterMetricFamily(
+            "keel_cost_usd", "USD spent by model and deployment", labels=["model", "deployment"]
+        )
+        for (model, dep), v in list(self.cost.items()):
+            cost.add_metric([model, dep], v)
+        yield cost
+        if self.health is not None:
+            g = GaugeMetricFamily(
+                "keel_deployment_cooling_down", "1 while a deployment is in cooldown", labels=["deployment"]
+            )
+            lat = GaugeMetricFamily(
+                "keel_deployment_latency_ewma_seconds", "EWMA latency per deployment", labels=["deployment"]
+            )
+            for key, snap in self.health.snapshot().items():
+                g.add_metric([key], 1.0 if snap["state"] == "cooldown" else 0.0)
+                if snap["ewma_latency_ms"] is not None:
+                    lat.add_metric([key], snap["ewma_latency_ms"] / 1000)
+            yield g
+            yield lat
         t = CounterMetricFamily("keel_tokens", "Tokens by model and direction", labels=["model", "direction"])
         for (model, direction), n in list(self.tokens.items()):
             t.add_metric([model, direction], n)

@@ -28,6 +28,7 @@ from keel.config import SETTINGS, ModelConfig, Settings
 from keel.gateway.asgi import Receive, Scope, Send, send_bytes
 from keel.gateway.auth import KeyCache
 from keel.gateway.core import Gateway
+from keel.gateway.health import HealthBoard, SharedHealth
 from keel.gateway.routing import ModelTable
 from keel.gateway.stats import GatewayStats
 from keel.plugins import provider_factories
@@ -131,7 +132,10 @@ def create_app(
         "LLM spans whose cost could not be priced",
         lambda: writer.stats.unpriced,
     )
-    gateway = Gateway(settings, keys, models, writer, stats)
+    health = HealthBoard(settings.routing.cooldown)
+    stats.health = health
+    shared = SharedHealth(health, settings.redis_url) if settings.redis_url else None
+    gateway = Gateway(settings, keys, models, writer, stats, health)
     state = KeelState(settings, store, keys, models, writer, gateway, stats, master_key)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(stats))  # type: ignore[arg-type]
@@ -139,6 +143,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await keys.start()
+        if shared is not None:
+            await shared.start()
         writer.start()
         retention = (
             asyncio.get_running_loop().create_task(_retention(state)) if settings.retention_days > 0 else None
@@ -149,6 +155,8 @@ def create_app(
             if retention:
                 retention.cancel()
             await writer.stop()
+            if shared is not None:
+                await shared.stop()
             await keys.stop()
             await models.aclose()
 
