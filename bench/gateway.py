@@ -20,15 +20,24 @@ keel/direct and keel/proxy ratios, PASS/FAIL against the targets
 * keel P99 <= 2 x proxy P99,
 * zero errors (non-2xx responses and socket errors) for keel,
 
-and checks that tracing really happened by counting the rows of keel's ``spans`` table once the
-trace writer has flushed ("traces stored: N of M requests").  It also reports the CPU time each
-process group used during each measured run, since on a small machine everything (wrk included)
-shares the same cores.
+and checks that tracing really happened: it counts the rows of keel's ``spans`` table once the
+trace writer has flushed ("traces stored: N of M requests", M = every request keel answered:
+warm-ups, measured runs, the sanity request and an unauthenticated probe; N may exceed M by up to
+one request per connection per wrk run, the requests in flight when wrk stops), and reads the
+newest trace back through ``GET /api/traces?limit=1`` with the master key.
+
+Because on a small machine everything — wrk included — shares the same cores, it also reports the
+CPU each process group used during each measured run, the CPU time per request of the servers in
+the request's path (a steadier figure than RPS on a busy machine), and the CPU used by processes
+that are not part of the benchmark (with a warning when that is significant).  ``--rounds N``
+interleaves N measurements per target and reports medians.
 
 Usage::
 
     .venv/bin/python bench/gateway.py                       # -t2 -c32 -d10s, 1 worker each
-    .venv/bin/python bench/gateway.py --workers 2 --duration 20 --json /tmp/bench.json --markdown
+    .venv/bin/python bench/gateway.py --rounds 3 --markdown --json /tmp/bench.json   # as in the docs
+    .venv/bin/python bench/gateway.py --workers 2 --duration 20
+    .venv/bin/python bench/gateway.py --keel-env KEEL_TRACE_QUEUE_SIZE=0   # diagnosis: no trace writes
 
 Requires ``wrk`` on PATH (or ``--wrk PATH``).  Exit status: 0 when every target is met, 1 when one
 is missed, 2 when the benchmark could not run.  All subprocesses are stopped on exit, also on
@@ -163,6 +172,8 @@ class Checks:
     traces_stored: int
     traces_expected: int
     traces_ok: bool
+    latest_trace: dict[str, Any] | None = None
+    """The newest trace as ``GET /api/traces?limit=1`` returns it (master key), or None."""
 
     @property
     def passed(self) -> bool:
@@ -264,8 +275,9 @@ class Processes:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         # workers of a uvicorn supervisor share its group: make sure none outlives it
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _group_members(proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):
@@ -275,8 +287,8 @@ class Processes:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _group_cpu_seconds(pgid: int) -> float:
-    total = 0
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, fields from field 3 on) of every process in /proc/<pid>/stat."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -284,11 +296,18 @@ def _group_cpu_seconds(pgid: int) -> float:
             stat = Path(entry.path, "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / _CLK_TCK
+        yield int(entry.name), stat[stat.rindex(")") + 2 :].split()
+
+
+def _group_members(pgid: int) -> list[int]:
+    # fields[0] is field 3 (state); pgrp is field 5
+    return [pid for pid, fields in _proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
+
+
+def _group_cpu_seconds(pgid: int) -> float:
+    # utime and stime are fields 14 and 15
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in _proc_stats() if int(f[2]) == pgid)
+    return ticks / _CLK_TCK
 
 
 def _machine_busy_seconds() -> float:
@@ -502,6 +521,35 @@ def count_spans(db: Path, expected: int, settle_s: float = 1.0, timeout_s: float
 # --------------------------------------------------------------------------------------------------
 
 
+def latest_trace(keel_url: str, master_key: str) -> dict[str, Any] | None:
+    """The newest trace from keel's management API (authenticated with the master key)."""
+    try:
+        status, raw = http(
+            "GET", keel_url + "/api/traces?limit=1", headers={"authorization": f"Bearer {master_key}"}
+        )
+        data = json.loads(raw).get("data") if status == 200 else None
+    except (OSError, ValueError):
+        return None
+    return data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else None
+
+
+def _git_commit() -> str:
+    """The checked-out commit, "+dirty" when src/ has local changes (read-only git commands only)."""
+    git = ["git", "--no-optional-locks", "-C", str(REPO_DIR)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info(wrk: str) -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -517,6 +565,7 @@ def machine_info(wrk: str) -> dict[str, Any]:
     except Exception:
         keel_version = "unknown"
     return {
+        "commit": _git_commit(),
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "kernel": platform.release(),
@@ -526,7 +575,14 @@ def machine_info(wrk: str) -> dict[str, Any]:
     }
 
 
-def compute_checks(direct: Leg, proxy: Leg, keel: Leg, traces_stored: int, traces_expected: int) -> Checks:
+def compute_checks(
+    direct: Leg,
+    proxy: Leg,
+    keel: Leg,
+    traces_stored: int,
+    traces_expected: int,
+    latest_trace: dict[str, Any] | None,
+) -> Checks:
     assert proxy.result and keel.result and direct.result
     rps_ratio = keel.result.rps / proxy.result.rps if proxy.result.rps else 0.0
     p99_ratio = keel.result.p99_ms / proxy.result.p99_ms if proxy.result.p99_ms else float("inf")
@@ -540,7 +596,11 @@ def compute_checks(direct: Leg, proxy: Leg, keel: Leg, traces_stored: int, trace
         errors_ok=keel_errors == 0,
         traces_stored=traces_stored,
         traces_expected=traces_expected,
-        traces_ok=traces_stored >= traces_expected,
+        traces_ok=traces_stored >= traces_expected
+        and latest_trace is not None
+        and latest_trace.get("model") == MODEL_NAME
+        and bool(latest_trace.get("key_id")),
+        latest_trace=latest_trace,
     )
 
 
@@ -623,6 +683,14 @@ def text_report(legs: Sequence[Leg], checks: Checks, cpu_groups: Sequence[str], 
     lines.append(f"[{_ok(checks.errors_ok)}] keel errors == 0             ({checks.keel_errors})")
     lines.append(
         f"[{_ok(checks.traces_ok)}] traces stored: {checks.traces_stored} of {checks.traces_expected} requests"
+    )
+    t = checks.latest_trace
+    lines.append(
+        f"       newest trace via GET /api/traces?limit=1: model {t.get('model')}, key {t.get('key_id')}, "
+        f"{t.get('input_tokens')}+{t.get('output_tokens')} tokens, cost {t.get('cost_usd')} USD, "
+        f"{t.get('latency_ms')} ms"
+        if t
+        else "       newest trace via GET /api/traces?limit=1: none returned"
     )
     lines.append("")
     lines.append("ALL TARGETS MET" if checks.passed else "TARGETS MISSED")
@@ -771,8 +839,11 @@ def _run(args: argparse.Namespace, py: str, tmp: Path, procs: Processes) -> int:
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     keel_url = f"http://127.0.0.1:{keel_port}"
     info = machine_info(args.wrk)
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     _log(
-        f"machine: {info['nproc']} x {info['cpu']} · python {info['python']} · keel {info['keel']} · {info['wrk']}\n"
+        f"run: {started}\n"
+        f"machine: {info['nproc']} x {info['cpu']} · python {info['python']} · keel {info['keel']} "
+        f"({info['commit']}) · {info['wrk']}\n"
         f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s (warm-up {args.warmup:g}s) · "
         f"workers: proxy {args.workers}, keel {args.workers}, upstream {args.upstream_workers}"
         + (f" · rounds: {args.rounds} (interleaved, medians)" if args.rounds > 1 else "")
@@ -850,7 +921,7 @@ def _run(args: argparse.Namespace, py: str, tmp: Path, procs: Processes) -> int:
     _log("waiting for keel's trace writer to flush ...")
     stored = count_spans(tmp / "keel-data" / "keel.db", expected)
 
-    checks = compute_checks(legs[0], legs[1], keel_leg, stored, expected)
+    checks = compute_checks(legs[0], legs[1], keel_leg, stored, expected, latest_trace(keel_url, master_key))
     print()
     print(text_report(legs, checks, cpu_groups, args.duration))
     if args.markdown:
@@ -858,7 +929,7 @@ def _run(args: argparse.Namespace, py: str, tmp: Path, procs: Processes) -> int:
         print(markdown_report(legs, checks, cpu_groups, args.duration))
     if args.json:
         doc = {
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "date": started,
             "machine": info,
             "load": {
                 "tool": "wrk",
