@@ -210,6 +210,7 @@ def test_metrics_exposition(keel: Keel) -> None:
         "keel_trace_queue_depth",
         "keel_trace_dropped_total",
         "keel_trace_written_total",
+        'keel_cost_usd_total{deployment="gpt-4o-mini:openai:gpt-4o-mini",model="gpt-4o-mini"}',
         'keel_tokens_total{direction="input",model="gpt-4o-mini"}',
     ):
         assert name in body, name

@@ -44,6 +44,13 @@ def _store(settings: Settings) -> Any:
         )
 
 
+def _db_label(settings: Settings) -> str:
+    """The database in use, without credentials."""
+    from keel.server.app import database_url
+
+    return database_url(settings).split("@")[-1]
+
+
 def _notify_keys_changed(settings: Settings) -> None:
     """Tell running replicas to reload their key cache (they also refresh every key_refresh_s)."""
     if not settings.redis_url:
@@ -108,7 +115,7 @@ def serve(config: str | None, host: str | None, port: int | None, workers: int |
     names = sorted({m.name for m in effective_models(settings)})
     console.print(
         f"keel {keel.__version__} on [bold]http://{settings.host}:{settings.port}[/] · "
-        f"db {settings.database_url.split('@')[-1]} · models: {', '.join(names) or '(none configured)'}",
+        f"db {_db_label(settings)} · models: {', '.join(names) or '(none configured)'}",
         highlight=False,
     )
     # workers rebuild settings from the environment: pass the CLI's choices down
@@ -213,9 +220,7 @@ def db_migrate(config: str | None) -> None:
     """Apply the schema migrations shipped with keel."""
     settings = _settings(config)
     _store(settings)
-    console.print(
-        f"Database {settings.database_url.split('@')[-1]} is at the newest schema.", highlight=False
-    )
+    console.print(f"Database {_db_label(settings)} is at the newest schema.", highlight=False)
 
 
 @main.command("settings")

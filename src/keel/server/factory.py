@@ -16,4 +16,4 @@ def app_from_env() -> KeelApp:
     settings = load_settings()
     migrated = os.environ.get("KEEL_SKIP_MIGRATIONS") == "1"
     store = Store.from_url(database_url(settings), run_migrations=not migrated)
-    return create_app(settings, store=store)
+    return create_app(settings, store=store, tune_gc=True)

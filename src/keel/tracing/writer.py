@@ -102,7 +102,7 @@ class TraceWriter:
         batch_size: int = 1000,
         flush_interval_s: float = 0.25,
         store_bodies: bool = True,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.store = store
         self.max_queue = max_queue
@@ -182,24 +182,29 @@ class TraceWriter:
         recs = [self._q.popleft() for _ in range(n)]
         self._inflight = n
         try:
-            rows = [span_to_row(r, self.store_bodies) for r in recs]
-            self.stats.unpriced += sum(1 for r in rows if r["kind"] == "llm" and not r["priced"])
             for attempt in range(5):
                 try:
-                    await asyncio.to_thread(self.store.write_spans, rows)
+                    # conversion and pricing happen in the worker thread too: the event loop only queues
+                    rows = await asyncio.to_thread(self._convert_and_write, recs)
                     break
                 except Exception:
                     if attempt == 4:
-                        self.stats.failed += len(rows)
-                        log.exception("dropping %d spans after repeated write failures", len(rows))
+                        self.stats.failed += len(recs)
+                        log.exception("dropping %d spans after repeated write failures", len(recs))
                         return
                     await asyncio.sleep(0.2 * (2**attempt))
             self.stats.written += len(rows)
             self.stats.batches += 1
+            self.stats.unpriced += sum(1 for r in rows if r["kind"] == "llm" and not r["priced"])
             if self._on_batch:
-                self._on_batch(len(rows))
+                self._on_batch(rows)
         finally:
             self._inflight = 0
+
+    def _convert_and_write(self, recs: list[SpanRecord]) -> list[dict[str, Any]]:
+        rows = [span_to_row(r, self.store_bodies) for r in recs]
+        self.store.write_spans(rows)
+        return rows
 
     def now(self) -> float:
         return time.time()
