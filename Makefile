@@ -10,8 +10,10 @@ CHROMIUM ?= /usr/bin/chromium
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -U pip
-	@echo "installing keel with the dev and local extras (llama-cpp-python compiles once, a few minutes)..."
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,local]'
+	@echo "installing keel with the dev, local and embeddings extras (llama-cpp-python compiles once, a few minutes)..."
+	@# torch first and pinned: the CPU build (a range alone can resolve to a multi-GB CUDA build)
+	$(BIN)/python -m pip install --disable-pip-version-check -q 'torch==2.13.0'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,local,embeddings]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -81,6 +81,7 @@ def _load(model_dir: Path) -> tuple[Any, threading.Lock]:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bar in the server log
             from sentence_transformers import SentenceTransformer
 
             model = SentenceTransformer(key, device="cpu", local_files_only=True)
