@@ -23,6 +23,7 @@ import uvicorn
 
 from keel.config import CooldownConfig, ModelConfig, RetryConfig, RoutingConfig, Settings
 from keel.providers.local import local_available
+from keel.providers.local_embeddings import local_embeddings_available
 from keel.server import create_app
 from keel.store import Store
 from keel.testing import MockProvider
@@ -159,10 +160,13 @@ def test_models(mock: MockProvider) -> tuple[ModelConfig, ...]:
     models.append(
         ModelConfig(name="claude-fault-500", provider="anthropic", model="fault:500", api_base=mock.url)
     )
+    models.append(ModelConfig(name="text-embedding-3-small", provider="openai", api_base=base))
     if local_available():
         models.append(
             ModelConfig(name="local", provider="local", model="SmolLM2-135M-Instruct", max_tokens=32)
         )
+    if local_embeddings_available():
+        models.append(ModelConfig(name="minilm", provider="local", model="all-MiniLM-L6-v2"))
     return tuple(models)
 
 

@@ -76,7 +76,7 @@ def test_serve_with_no_config_answers_model_local(tmp_path: Path) -> None:
             except httpx.HTTPError:
                 time.sleep(0.1)
         c = openai.OpenAI(base_url=url + "/v1", api_key="sk-fresh-master", max_retries=0)
-        assert [m.id for m in c.models.list()] == ["local"]
+        assert [m.id for m in c.models.list()] == ["local", "all-minilm-l6-v2"]
         resp = c.chat.completions.create(
             model="local", messages=[{"role": "user", "content": "Hi!"}], max_tokens=12
         )

@@ -45,6 +45,7 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _ROUTE_CHAT = "/v1/chat/completions"
+_ROUTE_EMBED = "/v1/embeddings"
 
 
 class _Req:
@@ -131,7 +132,9 @@ class Gateway:
 
     # -- shared steps -----------------------------------------------------------------------------
 
-    def _span(self, req: _Req, name: str, status_code: int, error: KeelError | None = None) -> SpanRecord:
+    def _span(
+        self, req: _Req, name: str, status_code: int, error: KeelError | None = None, kind: str = "llm"
+    ) -> SpanRecord:
         body = req.body or {}
         p = req.principal
         meta: dict[str, Any] = {}
@@ -147,7 +150,7 @@ class Gateway:
             span_id=req.span_id,
             parent_span_id=req.parent,
             name=name,
-            kind="llm",
+            kind=kind,
             start_time=req.start,
             end_time=time.time(),
             status="error" if error else "ok",
@@ -203,14 +206,7 @@ class Gateway:
         return p
 
     def parse_chat(self, raw: bytes) -> dict[str, Any]:
-        if not raw:
-            raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object", code="invalid_request")
+        body = _parse_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required and must be a string", code="missing_model", param="model")
@@ -304,8 +300,14 @@ class Gateway:
             except OSError:
                 pass
 
-    async def _attempt_all(self, body: dict[str, Any], target: str, run: _Run, *, stream: bool) -> Any:
-        """Try deployments of ``target``, retrying and falling back; return a ChatResult or an open stream."""
+    async def _attempt_all(
+        self, body: dict[str, Any], target: str, run: _Run, *, stream: bool, call: Any = None
+    ) -> Any:
+        """Try deployments of ``target``, retrying and falling back; return what the winning call returned.
+
+        ``call(deployment, headers)`` does one attempt; by default a chat completion (or, with
+        ``stream``, an opened stream and its first chunk).
+        """
         routing = self.router.routing
         queue: list[tuple[str, str]] = [(target, "primary")]
         seen: set[str] = set()
@@ -334,10 +336,12 @@ class Gateway:
                     self.health.begin(dep.key, time.monotonic())
                     headers = {"traceparent": f"00-{run.req.trace_id}-{run.req.span_id}-01"}
                     try:
-                        if stream:
+                        if call is not None:
+                            result: Any = await call(dep, headers)
+                        elif stream:
                             opened = await dep.provider.chat_stream(body, headers)
                             it, first = await _first_chunk(opened, dep.config.stream_timeout_s, dep.label)
-                            result: Any = (opened, it, first)
+                            result = (opened, it, first)
                         else:
                             result = await dep.provider.chat(body, headers)
                     except KeelError as err:
@@ -465,6 +469,80 @@ class Gateway:
         rec.ttft_ms = (first_at - req.start_pc) * 1000.0
         self.stats.ttft[route].observe(first_at - req.start_pc)
         self._finish(req, rec, route, run)
+
+    async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/embeddings (OpenAI-compatible upstreams and the local MiniLM model)."""
+        req = _Req(scope)
+        route, name = _ROUTE_EMBED, "embeddings"
+        out = OpenAIResponder(send, req.trace_id)
+        run = _Run(req)
+        t_start = time.perf_counter()
+        try:
+            if scope["method"] != "POST":
+                raise KeelError("use POST", status=405, code="method_not_allowed")
+            req.principal = self.authenticate(req)
+            raw = await read_body(scope, receive, self.limit, req.content_length)
+            body = req.body = _parse_object(raw)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise BadRequest(
+                    "'model' is required and must be a string", code="missing_model", param="model"
+                )
+            inp = body.get("input")
+            if inp is None or inp == "" or inp == []:
+                raise BadRequest(
+                    "'input' must be a non-empty string or array", code="invalid_input", param="input"
+                )
+            target = self.router.resolve(model)
+            if target is None:
+                raise NotFound(
+                    f"model '{model}' does not exist or is not served here",
+                    code="model_not_found",
+                    param="model",
+                )
+            if not (req.principal.may_use(model) or req.principal.may_use(target)):
+                raise Forbidden(f"this key is not allowed to use model '{model}'", code="model_not_allowed")
+
+            async def call(dep: Deployment, headers: dict[str, str]) -> dict[str, Any]:
+                fn = getattr(dep.provider, "embeddings", None)
+                if fn is None:
+                    raise BadRequest(
+                        f"model '{model}' ({dep.config.provider}) does not serve embeddings",
+                        code="unsupported_operation",
+                    )
+                result: dict[str, Any] = await fn(body, headers)
+                return result
+
+            data = await self._attempt_all(body, target, run, stream=False, call=call)
+        except ClientGone:
+            return
+        except KeelError as err:
+            rec = self._span(req, name, err.status, err, kind="embedding")
+            run.describe(rec)
+            self._finish(req, rec, route, run)
+            with contextlib.suppress(OSError):
+                await out.error(err)
+            return
+        payload = orjson.dumps(data)
+        try:
+            await send_bytes(send, 200, payload, [(b"x-keel-trace-id", req.trace_id.encode())])
+        finally:
+            rec = self._span(req, name, 200, kind="embedding")
+            run.describe(rec)
+            usage = data.get("usage") or {}
+            rec.usage = Usage(
+                input_tokens=usage.get("prompt_tokens") or usage.get("total_tokens"), output_tokens=0
+            )
+            vectors = data.get("data") or []
+            first = vectors[0].get("embedding") if vectors and isinstance(vectors[0], dict) else None
+            rec.output = {
+                "count": len(vectors),
+                "dimensions": len(first) if isinstance(first, list) else None,
+                "encoding_format": "base64" if isinstance(first, str) else "float",
+                "usage": usage,
+            }
+            self.stats.overhead[route].observe(max(0.0, time.perf_counter() - t_start - run.upstream_s))
+            self._finish(req, rec, route, run)
 
     async def list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
         """GET /v1/models: the names this key may use."""
@@ -647,3 +725,16 @@ def _prompt_estimate(body: dict[str, Any]) -> int:
     from keel.gateway.tokens import count_messages
 
     return count_messages(body.get("messages") or [])
+
+
+def _parse_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    if not raw:
+        raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_request")
+    return body

@@ -173,6 +173,32 @@ class LocalProvider:
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return _LocalStream(self, llm, messages, kw, prompt_tokens, wants_usage)
 
+    async def embeddings(self, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+        """OpenAI-shaped embeddings from all-MiniLM-L6-v2 (the `embeddings` extra), in-process."""
+        from keel.providers.local_embeddings import (
+            LocalEmbeddings,
+            openai_embeddings_response,
+            parse_embeddings_input,
+        )
+
+        try:
+            texts = parse_embeddings_input(body)
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_input", param="input") from None
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise BadRequest(
+                "'encoding_format' must be float or base64", code="invalid_request", param="encoding_format"
+            )
+        emb = LocalEmbeddings()
+        dims = body.get("dimensions")
+        if dims is not None and dims != 384:
+            raise BadRequest(
+                "the local embedding model has 384 dimensions", code="invalid_request", param="dimensions"
+            )
+        vectors, tokens = await emb.embed(texts)
+        return openai_embeddings_response(vectors, self.deployment.upstream_model, tokens, fmt)
+
     async def aclose(self) -> None:
         return None
 

@@ -30,10 +30,12 @@ from keel.gateway.asgi import Receive, Scope, Send, send_bytes
 from keel.gateway.auth import KeyCache
 from keel.gateway.core import Gateway
 from keel.gateway.health import HealthBoard, SharedHealth
+from keel.gateway.messages import messages_endpoint
 from keel.gateway.routing import ModelTable
 from keel.gateway.stats import GatewayStats
 from keel.plugins import provider_factories
 from keel.providers.local import local_available
+from keel.providers.local_embeddings import local_embeddings_available
 from keel.server.api import build_api_router, principal_from_request
 from keel.server.masterkey import resolve_master_key
 from keel.store import Store, utcnow
@@ -48,9 +50,12 @@ def effective_models(settings: Settings) -> tuple[ModelConfig, ...]:
     """Configured models; with none configured, the bundled local model when it is installed."""
     if settings.models:
         return settings.models
+    found: list[ModelConfig] = []
     if local_available():
-        return (ModelConfig(name="local", provider="local", model="SmolLM2-135M-Instruct"),)
-    return ()
+        found.append(ModelConfig(name="local", provider="local", model="SmolLM2-135M-Instruct"))
+    if local_embeddings_available():
+        found.append(ModelConfig(name="all-minilm-l6-v2", provider="local", model="all-MiniLM-L6-v2"))
+    return tuple(found)
 
 
 @dataclass
@@ -84,6 +89,9 @@ class KeelApp:
             "/v1/chat/completions": gw.chat_completions,
             "/chat/completions": gw.chat_completions,
             "/v1/models": gw.list_models,
+            "/v1/embeddings": gw.embeddings,
+            "/v1/messages": messages_endpoint(gw),
+            "/embeddings": gw.embeddings,
             "/health": self._health,
         }
 

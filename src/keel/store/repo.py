@@ -564,7 +564,7 @@ def _fold(t: dict[str, Any], sp: dict[str, Any]) -> None:
     ):
         if t[col] is None and sp.get(key) is not None:
             t[col] = sp[key]
-    if sp["kind"] == "llm":
+    if sp["kind"] in ("llm", "embedding"):
         t["model"] = t["model"] or sp.get("requested_model") or sp.get("model")
         t["provider"] = t["provider"] or sp.get("provider")
         t["input_tokens"] = (t["input_tokens"] or 0) + (sp.get("input_tokens") or 0)

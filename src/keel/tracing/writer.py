@@ -39,7 +39,7 @@ def span_to_row(rec: SpanRecord, store_bodies: bool = True) -> dict[str, Any]:
     """Turn a queued record into the store's row dict (pricing it if needed)."""
     cost = rec.cost_usd
     priced = True
-    if rec.kind == "llm":
+    if rec.kind in ("llm", "embedding"):
         if cost is None:
             cost = price(rec.model or rec.requested_model, rec.provider, rec.usage, rec.price_override)
         priced = cost is not None
@@ -195,7 +195,9 @@ class TraceWriter:
                     await asyncio.sleep(0.2 * (2**attempt))
             self.stats.written += len(rows)
             self.stats.batches += 1
-            self.stats.unpriced += sum(1 for r in rows if r["kind"] == "llm" and not r["priced"])
+            self.stats.unpriced += sum(
+                1 for r in rows if r["kind"] in ("llm", "embedding") and not r["priced"]
+            )
             if self._on_batch:
                 self._on_batch(rows)
         finally:
