@@ -470,10 +470,14 @@ def test_error_trace_page(page: Page, keel: Any, seed: Seed) -> None:
     assert banner.is_visible()
     assert "500" in banner.inner_text() and seed.traces[seed.error]["error"] in banner.inner_text()
     assert page.locator(".trace-head [data-testid=status]").inner_text().strip() == "Error"
-    span_err = page.get_by_test_id("span-error").inner_text()
+    # the root span is selected; its retried attempts are children in the span tree
+    span_err = page.get_by_test_id("span-error").first.inner_text()
     assert "HTTP 502" in span_err and "upstream" in span_err.lower()
+    assert page.get_by_test_id("span-error").count() == 3
+    tree = page.get_by_test_id("span-tree").inner_text()
+    assert "attempt 1" in tree and "attempt 2" in tree
     assert "this one fails" in page.get_by_test_id("input-messages").inner_text()
-    assert "the call failed" in page.locator(".block", has_text="Output").inner_text()
+    assert "the call failed" in page.locator(".block", has_text="Output").first.inner_text()
     assert page.get_by_test_id("trace-cost").inner_text().strip() == "—"
 
 
