@@ -21,6 +21,11 @@ import httpx
 import pytest
 import uvicorn
 
+try:  # the openai SDK imports httpx2 lazily; a lazy import racing across test threads can see it half-built
+    import httpx2  # noqa: F401
+except ImportError:
+    pass
+
 from keel.config import CooldownConfig, ModelConfig, RetryConfig, RoutingConfig, Settings
 from keel.providers.local import local_available
 from keel.providers.local_embeddings import local_embeddings_available
