@@ -133,3 +133,28 @@ def test_retention_deletes_old_traces(store: Store) -> None:
 )
 def test_traceparent_parsing(value: str | None, expected: tuple[str, str] | None) -> None:
     assert parse_traceparent(value) == expected
+
+
+def test_process_writer_writes_drains_and_survives_its_child_dying(store: Store) -> None:
+    """Process mode: spans written by a child process; a killed child is restarted, nothing is lost."""
+    url = str(store.engine.url.render_as_string(hide_password=False))
+    tag = "p-" + uuid.uuid4().hex[:6]
+
+    async def main() -> TraceWriter:
+        w = TraceWriter(store, batch_size=50, flush_interval_s=0.05, process_url=url)
+        w.start()
+        for _ in range(60):
+            w.submit(rec(tags=[tag]))
+        await asyncio.sleep(1.0)
+        assert w._process is not None
+        w._process._proc.kill()  # the child dies between batches
+        await asyncio.sleep(0.2)
+        for _ in range(60):
+            w.submit(rec(tags=[tag]))
+        await w.stop()
+        return w
+
+    w = asyncio.run(main())
+    assert w.stats.written == 120 and w.stats.failed == 0
+    rows, _ = store.list_traces(TraceFilter(tag=tag), limit=500)
+    assert len(rows) == 120

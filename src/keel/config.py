@@ -96,6 +96,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("store_bodies", bool, True, "Store request and response bodies on spans."),
     Setting(
+        "trace_writer",
+        str,
+        "process",
+        "`process`: spans are written by a child process, off the serving process (lower tail latency); `thread`: in a thread of the server.",
+    ),
+    Setting(
         "key_refresh_s",
         float,
         5.0,
@@ -250,6 +256,7 @@ class Settings:
     trace_batch_size: int = 1000
     trace_flush_interval_s: float = 0.25
     store_bodies: bool = True
+    trace_writer: str = "process"
     key_refresh_s: float = 5.0
     upstream_timeout_s: float = 600.0
     upstream_connect_timeout_s: float = 10.0
@@ -397,6 +404,8 @@ def load_settings(
             raise ConfigError(s.name, "must not be negative")
     if values["port"] > 65535:
         raise ConfigError("port", "must be at most 65535")
+    if values["trace_writer"] not in ("process", "thread"):
+        raise ConfigError("trace_writer", "must be process or thread")
     if values["workers"] < 1:
         raise ConfigError("workers", "must be at least 1")
     db = values["database_url"]

@@ -136,6 +136,7 @@ def create_app(
         flush_interval_s=settings.trace_flush_interval_s,
         store_bodies=settings.store_bodies,
         on_batch=count_cost,
+        process_url=database_url(settings) if settings.trace_writer == "process" else None,
     )
     stats.gauges["keel_trace_queue_depth"] = ("Trace records waiting to be written", lambda: writer.depth)
     stats.counters["keel_trace_dropped"] = (

@@ -17,6 +17,7 @@ from typing import Any
 
 from keel.pricing import price
 from keel.store import Store, from_epoch
+from keel.tracing.process_writer import ChildFailed, WriterProcess
 from keel.types import SpanRecord
 
 __all__ = ["TraceWriter", "WriterStats"]
@@ -103,8 +104,13 @@ class TraceWriter:
         flush_interval_s: float = 0.25,
         store_bodies: bool = True,
         on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+        process_url: str | None = None,
     ) -> None:
         self.store = store
+        # with a database URL, batches are written by a child process (see process_writer.py)
+        self._process: WriterProcess | None = (
+            WriterProcess(process_url, store_bodies) if process_url else None
+        )
         self.max_queue = max_queue
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
@@ -132,6 +138,8 @@ class TraceWriter:
         return True
 
     def start(self) -> None:
+        if self._process is not None and not self._process.alive:
+            self._process.start()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="keel-trace-writer")
 
@@ -148,6 +156,8 @@ class TraceWriter:
         remaining = len(self._q)
         if remaining:
             log.error("trace writer stopped with %d records unwritten", remaining)
+        if self._process is not None:
+            await asyncio.to_thread(self._process.stop)
 
     async def flush(self) -> None:
         """Write everything queued so far (used by tests and shutdown)."""
@@ -204,6 +214,21 @@ class TraceWriter:
             self._inflight = 0
 
     def _convert_and_write(self, recs: list[SpanRecord]) -> list[dict[str, Any]]:
+        proc = self._process
+        if proc is not None:
+            try:
+                return proc.write(recs)
+            except ChildFailed as exc:
+                if proc.alive:
+                    raise  # a failed batch: retried by the caller
+                log.error("trace writer process died (%s); restarting it", exc)
+                try:
+                    proc.stop(timeout=1)
+                    proc.start()
+                    return proc.write(recs)
+                except ChildFailed:
+                    log.error("trace writer process cannot run; writing in this process from now on")
+                    self._process = None
         rows = [span_to_row(r, self.store_bodies) for r in recs]
         self.store.write_spans(rows)
         return rows
