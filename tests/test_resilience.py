@@ -376,3 +376,15 @@ def test_cooldowns_are_shared_across_replicas(
         for k in replicas:
             k.http.close()
             k.server.stop()
+
+
+def test_read_timeout_retries_then_falls_back(build: Any, good: MockProvider, bad: MockProvider) -> None:
+    k = build(
+        [dep("primary", bad, max_retries=1, read_timeout_s=0.2), dep("backup", good)],
+        fallbacks={"primary": ["backup"]},
+    )
+    bad.set_fault("slow:2")
+    raw = chat(k, "primary")
+    root, attempts = spans(k, raw)
+    assert root["attributes"]["keel.served_by"] == "backup"
+    assert [a["error"].split(":")[0] for a in attempts[:2]] == ["upstream_timeout", "upstream_timeout"]

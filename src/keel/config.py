@@ -143,6 +143,9 @@ class ModelConfig(BaseModel):
     priority: int = 1
     timeout_s: float | None = Field(default=None, gt=0)
     connect_timeout_s: float | None = Field(default=None, gt=0)
+    read_timeout_s: float | None = Field(
+        default=None, gt=0, description="Longest wait for the next bytes of a response."
+    )
     max_retries: int = Field(
         default=1, ge=0, le=10, description="Retries on this deployment (429, 5xx, timeouts, resets)."
     )

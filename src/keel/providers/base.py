@@ -125,7 +125,9 @@ class HTTPProvider:
         self.label = f"{deployment.name}/{deployment.provider}:{deployment.upstream_model}"
         total = deployment.timeout_s or settings.upstream_timeout_s
         connect = deployment.connect_timeout_s or settings.upstream_connect_timeout_s
-        self.timeout = aiohttp.ClientTimeout(total=total, sock_connect=connect)
+        self.timeout = aiohttp.ClientTimeout(
+            total=total, sock_connect=connect, sock_read=deployment.read_timeout_s
+        )
         self._session: aiohttp.ClientSession | None = None
 
     @property
