@@ -148,12 +148,16 @@ def keys() -> None:
 @click.option("--project", default="default", show_default=True, help="Project name (created when missing).")
 @click.option("--name", default="default", show_default=True, help="A label for the key.")
 @click.option("--models", default=None, help="Comma-separated model names the key may use (default: all).")
-def keys_create(config: str | None, project: str, name: str, models: str | None) -> None:
+@click.option("--team", default=None, help="Team in the project (created when missing).")
+@click.option("--user", "end_user", default=None, help="End user the key's requests are attributed to.")
+def keys_create(
+    config: str | None, project: str, name: str, models: str | None, team: str | None, end_user: str | None
+) -> None:
     """Create a key; the secret is printed once and only its hash is stored."""
     settings = _settings(config)
     store = _store(settings)
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    secret, row = store.create_key(project, name, allowed)
+    secret, row = store.create_key(project, name, allowed, team=team, end_user=end_user)
     _notify_keys_changed(settings)
     console.print(
         f"Created key [bold]{row.id}[/] in project {row.project_name} (shown once):", highlight=False

@@ -29,6 +29,8 @@ class Principal:
     is_master: bool = False
     allowed_models: frozenset[str] | None = None  # None: every model
     name: str | None = None
+    team_id: str | None = None
+    end_user: str | None = None  # requests by this key are attributed to this end user by default
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -57,6 +59,7 @@ class SpanRecord:
     parent_span_id: str | None = None
     project_id: str | None = None
     key_id: str | None = None
+    team_id: str | None = None
     error: str | None = None
     status_code: int | None = None
     model: str | None = None  # model served (upstream id)

@@ -52,7 +52,14 @@ class KeyCache:
     @staticmethod
     def _principal(row: KeyRow) -> Principal:
         allowed = frozenset(row.allowed_models) if row.allowed_models else None
-        return Principal(key_id=row.id, project_id=row.project_id, allowed_models=allowed, name=row.name)
+        return Principal(
+            key_id=row.id,
+            project_id=row.project_id,
+            allowed_models=allowed,
+            name=row.name,
+            team_id=row.team_id,
+            end_user=row.end_user,
+        )
 
     def load(self) -> None:
         """(Re)load every active key from the store; swaps the map atomically."""

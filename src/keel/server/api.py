@@ -22,13 +22,58 @@ class KeyCreate(BaseModel):
     models: list[str] | None = Field(
         default=None, description="Allowed model names; null allows every model."
     )
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Tags for cost attribution (feature, route, customer)."
+    )
+    team: str | None = Field(
+        default=None, description="Team name or id in the project (created when missing)."
+    )
+    user: str | None = Field(
+        default=None, description="End user the key's requests are attributed to by default."
+    )
+    limits: dict[str, Any] | None = Field(default=None, description="Rate limits and budgets of this key.")
+
+
+class TeamCreate(BaseModel):
+    project: str = Field(default="default", description="Project name or id (created when missing).")
+    name: str = Field(min_length=1, max_length=200)
+    limits: dict[str, Any] | None = None
+
+
+class TeamOut(BaseModel):
+    id: str
+    project_id: str
+    name: str
+    limits: dict[str, Any]
+    created_at: str | None
+
+
+class UsageRow(BaseModel):
+    group: str | None
+    requests: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    unpriced: int
+
+
+class UsageOut(BaseModel):
+    group_by: str
+    start: str | None
+    end: str | None
+    data: list[UsageRow]
+    totals: UsageRow
 
 
 class KeyOut(BaseModel):
     id: str
     project_id: str
     project: str
+    team_id: str | None = None
+    team: str | None = None
+    user: str | None = None
+    limits: dict[str, Any] = Field(default_factory=dict)
     name: str
     key_prefix: str
     models: list[str] | None
@@ -164,6 +209,20 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
     return dt
 
 
+def _project_id(store: Any, ref: str) -> str:
+    proj = store.get_project(ref)
+    if proj is None:
+        raise HTTPException(
+            404,
+            detail={
+                "message": f"project {ref!r} not found",
+                "type": "invalid_request_error",
+                "code": "not_found",
+            },
+        )
+    return str(proj["id"])
+
+
 def build_api_router() -> APIRouter:
     r = APIRouter(prefix="/api")
 
@@ -197,7 +256,14 @@ def build_api_router() -> APIRouter:
         _require_admin(p)
         keel = request.app.state.keel
         secret, row = await run_in_threadpool(
-            keel.store.create_key, body.project, body.name, body.models, body.metadata
+            keel.store.create_key,
+            body.project,
+            body.name,
+            body.models,
+            body.metadata,
+            body.team,
+            body.user,
+            body.limits,
         )
         await keel.keys.changed()
         return {**row.public(), "key": secret}
@@ -232,6 +298,57 @@ def build_api_router() -> APIRouter:
         store.ensure_project(body.name)
         proj: dict[str, Any] = store.get_project(body.name)
         return proj
+
+    @r.get("/teams", response_model=list[TeamOut], tags=["teams"], summary="List teams")
+    def list_teams(request: Request, p: Caller, project: str | None = None) -> list[dict[str, Any]]:
+        store = request.app.state.keel.store
+        pid = p.project_id if not p.is_master else (_project_id(store, project) if project else None)
+        teams: list[dict[str, Any]] = store.list_teams(pid)
+        return teams
+
+    @r.post(
+        "/teams", response_model=TeamOut, status_code=201, tags=["teams"], summary="Create or update a team"
+    )
+    def create_team(request: Request, body: TeamCreate, p: Caller) -> dict[str, Any]:
+        _require_admin(p)
+        store = request.app.state.keel.store
+        pid = (
+            store.get_project(body.project)["id"]
+            if store.get_project(body.project)
+            else store.ensure_project(body.project)
+        )
+        team: dict[str, Any] = store.ensure_team(pid, body.name, body.limits)
+        return team
+
+    @r.get("/usage", response_model=UsageOut, tags=["usage"], summary="Spend, tokens and requests, grouped")
+    def usage(
+        request: Request,
+        p: Caller,
+        group_by: Annotated[str, Query(pattern="^(project|team|key|user|model|provider|tag)$")] = "model",
+        start: Annotated[str | None, Query(description="ISO 8601; calls starting at or after")] = None,
+        end: Annotated[str | None, Query(description="ISO 8601; calls starting before")] = None,
+        project: str | None = Query(default=None, description="Project id or name (master key only)"),
+    ) -> dict[str, Any]:
+        store = request.app.state.keel.store
+        pid = p.project_id if not p.is_master else (_project_id(store, project) if project else None)
+        rows = store.usage(
+            group_by, project_id=pid, start=_parse_time(start, "start"), end=_parse_time(end, "end")
+        )
+        totals = {
+            "group": None,
+            **{
+                k: sum(r[k] for r in rows)
+                for k in ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", "unpriced")
+            },
+        }
+        if (
+            group_by == "tag"
+        ):  # a call with several tags counts once per tag: totals come from the ungrouped query
+            base = store.usage(
+                "project", project_id=pid, start=_parse_time(start, "start"), end=_parse_time(end, "end")
+            )
+            totals = {"group": None, **{k: sum(r[k] for r in base) for k in totals if k != "group"}}
+        return {"group_by": group_by, "start": start, "end": end, "data": rows, "totals": totals}
 
     @r.get("/traces", response_model=TracePage, tags=["traces"], summary="List traces, newest first")
     def list_traces(

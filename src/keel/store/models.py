@@ -9,7 +9,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, I
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ApiKey", "Base", "Project", "Span", "Trace", "TraceTag"]
+__all__ = ["ApiKey", "Base", "Project", "Span", "Team", "Trace", "TraceTag"]
 
 # JSON on SQLite, JSONB on PostgreSQL.
 JSONVariant = JSON().with_variant(JSONB(), "postgresql")
@@ -27,6 +27,21 @@ class Project(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSONVariant, nullable=True)
+
+
+class Team(Base):
+    """A team inside a project: keys may belong to one; budgets and limits apply to all its keys."""
+
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSONVariant, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ux_teams_project_name", "project_id", "name", unique=True),)
 
 
 class ApiKey(Base):
@@ -41,6 +56,13 @@ class ApiKey(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONVariant, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    team_id: Mapped[str | None] = mapped_column(
+        ForeignKey("teams.id", ondelete="SET NULL", name="fk_api_keys_team_id_teams"),
+        nullable=True,
+        index=True,
+    )
+    end_user: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSONVariant, nullable=True)
 
 
 class Trace(Base):
@@ -51,6 +73,7 @@ class Trace(Base):
     trace_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    team_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     name: Mapped[str] = mapped_column(String(200))
     start_time: Mapped[datetime] = mapped_column(DateTime)
     end_time: Mapped[datetime] = mapped_column(DateTime)
@@ -99,6 +122,7 @@ class Span(Base):
     parent_span_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
     project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    team_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(32))
     start_time: Mapped[datetime] = mapped_column(DateTime)
@@ -123,4 +147,5 @@ class Span(Base):
     __table_args__ = (
         Index("ux_spans_trace_span", "trace_id", "span_id", unique=True),
         Index("ix_spans_project_start", "project_id", "start_time"),
+        Index("ix_spans_start", "start_time"),
     )

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Engine,
     Integer,
     and_,
+    case,
     delete,
     func,
     insert,
@@ -34,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from keel.store.engine import make_engine, migrate
-from keel.store.models import ApiKey, Project, Span, Trace, TraceTag
+from keel.store.models import ApiKey, Project, Span, Team, Trace, TraceTag
 
 __all__ = ["KeyRow", "Store", "TraceFilter", "hash_key", "new_key_secret", "utcnow"]
 
@@ -79,12 +80,20 @@ class KeyRow:
     created_at: datetime
     revoked_at: datetime | None
     metadata: dict[str, Any] | None
+    team_id: str | None = None
+    team_name: str | None = None
+    end_user: str | None = None
+    limits: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "project_id": self.project_id,
             "project": self.project_name,
+            "team_id": self.team_id,
+            "team": self.team_name,
+            "user": self.end_user,
+            "limits": self.limits or {},
             "name": self.name,
             "key_prefix": self.key_prefix,
             "models": self.allowed_models,
@@ -218,6 +227,49 @@ class Store:
             p = s.scalar(select(Project).where(or_(Project.id == ref, Project.name == ref)))
             return None if p is None else {"id": p.id, "name": p.name, "created_at": iso(p.created_at)}
 
+    # -- teams ----------------------------------------------------------------------------------------
+
+    def ensure_team(self, project_id: str, name: str, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The team ``name`` (or id) of a project, created when missing."""
+        with Session(self.engine) as s, s.begin():
+            t = s.scalar(
+                select(Team).where(Team.project_id == project_id, or_(Team.name == name, Team.id == name))
+            )
+            if t is None:
+                t = Team(
+                    id="team_" + uuid.uuid4().hex[:16],
+                    project_id=project_id,
+                    name=name,
+                    limits=limits or None,
+                    created_at=utcnow(),
+                )
+                s.add(t)
+            elif limits is not None:
+                t.limits = limits or None
+            return {
+                "id": t.id,
+                "project_id": t.project_id,
+                "name": t.name,
+                "limits": t.limits or {},
+                "created_at": iso(t.created_at),
+            }
+
+    def list_teams(self, project_id: str | None = None) -> list[dict[str, Any]]:
+        stmt = select(Team).order_by(Team.name)
+        if project_id is not None:
+            stmt = stmt.where(Team.project_id == project_id)
+        with Session(self.engine) as s:
+            return [
+                {
+                    "id": t.id,
+                    "project_id": t.project_id,
+                    "name": t.name,
+                    "limits": t.limits or {},
+                    "created_at": iso(t.created_at),
+                }
+                for t in s.scalars(stmt)
+            ]
+
     # -- keys -------------------------------------------------------------------------------------
 
     def create_key(
@@ -226,11 +278,19 @@ class Store:
         name: str,
         models: Sequence[str] | None = None,
         metadata: dict[str, Any] | None = None,
+        team: str | None = None,
+        end_user: str | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> tuple[str, KeyRow]:
-        """Create a virtual key in ``project`` (by name, created when missing). Returns (secret, row)."""
+        """Create a virtual key in ``project`` (by name, created when missing). Returns (secret, row).
+
+        ``team`` (name or id, created in the project when missing) and ``end_user`` attribute the
+        key's usage; ``limits`` holds its rate limits and budgets.
+        """
         pid = self.ensure_project(project) if not project.startswith("proj_") else project
         if self.get_project(pid) is None:
             raise LookupError(f"project {project!r} does not exist")
+        tid = self.ensure_team(pid, team)["id"] if team else None
         secret = new_key_secret()
         kid = "key_" + uuid.uuid4().hex[:16]
         with Session(self.engine) as s, s.begin():
@@ -244,6 +304,9 @@ class Store:
                     allowed_models=list(models) if models else None,
                     metadata_=metadata or None,
                     created_at=utcnow(),
+                    team_id=tid,
+                    end_user=end_user,
+                    limits=limits or None,
                 )
             )
         row = self.get_key(kid)
@@ -251,7 +314,11 @@ class Store:
         return secret, row
 
     def _key_rows(self, where: Any = None) -> list[KeyRow]:
-        stmt = select(ApiKey, Project.name).join(Project, Project.id == ApiKey.project_id)
+        stmt = (
+            select(ApiKey, Project.name, Team.name)
+            .join(Project, Project.id == ApiKey.project_id)
+            .outerjoin(Team, Team.id == ApiKey.team_id)
+        )
         if where is not None:
             stmt = stmt.where(where)
         with Session(self.engine) as s:
@@ -267,8 +334,12 @@ class Store:
                     created_at=k.created_at,
                     revoked_at=k.revoked_at,
                     metadata=k.metadata_,
+                    team_id=k.team_id,
+                    team_name=tname,
+                    end_user=k.end_user,
+                    limits=k.limits,
                 )
-                for k, pname in s.execute(stmt.order_by(ApiKey.created_at, ApiKey.id)).all()
+                for k, pname, tname in s.execute(stmt.order_by(ApiKey.created_at, ApiKey.id)).all()
             ]
 
     def get_key(self, key_id: str) -> KeyRow | None:
@@ -429,6 +500,73 @@ class Store:
             out["spans"] = [_span_dict(sp) for sp in spans]
             return out
 
+    def usage(
+        self,
+        group_by: str,
+        *,
+        project_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Spend, tokens and requests of LLM and embedding calls, grouped; the busiest groups first.
+
+        ``group_by``: project, team, key, user, model (the public name), provider or tag. Attempt
+        spans are not counted: the request's own span carries its final tokens and cost.
+        """
+        cols = {
+            "project": Span.project_id,
+            "team": Span.team_id,
+            "key": Span.key_id,
+            "user": Span.user_id,
+            "model": func.coalesce(Span.requested_model, Span.model),
+            "provider": Span.provider,
+        }
+        stmt_from: Any
+        if group_by == "tag":
+            group_col: Any = TraceTag.tag
+            stmt_from = Span.__table__.join(TraceTag.__table__, TraceTag.trace_id == Span.trace_id)
+        elif group_by in cols:
+            group_col = cols[group_by]
+            stmt_from = Span.__table__
+        else:
+            raise ValueError(f"cannot group by {group_by!r}")
+        errors = func.sum(case((Span.status == "error", 1), else_=0))
+        unpriced = func.sum(case((and_(Span.priced.is_(False), Span.status == "ok"), 1), else_=0))
+        stmt = (
+            select(
+                group_col.label("group"),
+                func.count().label("requests"),
+                errors.label("errors"),
+                func.coalesce(func.sum(Span.input_tokens), 0).label("input_tokens"),
+                func.coalesce(func.sum(Span.output_tokens), 0).label("output_tokens"),
+                func.coalesce(func.sum(Span.cost_usd), 0.0).label("cost_usd"),
+                unpriced.label("unpriced"),
+            )
+            .select_from(stmt_from)
+            .where(Span.kind.in_(("llm", "embedding")))
+            .group_by(group_col)
+            .order_by(func.coalesce(func.sum(Span.cost_usd), 0.0).desc(), func.count().desc())
+        )
+        if project_id is not None:
+            stmt = stmt.where(Span.project_id == project_id)
+        if start is not None:
+            stmt = stmt.where(Span.start_time >= start)
+        if end is not None:
+            stmt = stmt.where(Span.start_time < end)
+        with self.engine.connect() as conn:
+            return [
+                {
+                    "group": r.group,
+                    "requests": int(r.requests),
+                    "errors": int(r.errors or 0),
+                    "input_tokens": int(r.input_tokens or 0),
+                    "output_tokens": int(r.output_tokens or 0),
+                    "cost_usd": float(r.cost_usd or 0.0),
+                    "unpriced": int(r.unpriced or 0),
+                }
+                for r in conn.execute(stmt)
+            ]
+
     def distinct_models(self, project_id: str | None = None, since_days: int = 30) -> list[str]:
         stmt = select(Trace.model).where(
             Trace.model.is_not(None), Trace.start_time >= utcnow() - timedelta(days=since_days)
@@ -497,6 +635,7 @@ def _span_row(sp: dict[str, Any]) -> dict[str, Any]:
         "parent_span_id": sp.get("parent_span_id"),
         "project_id": sp.get("project_id"),
         "key_id": sp.get("key_id"),
+        "team_id": sp.get("team_id"),
         "name": sp["name"],
         "kind": sp["kind"],
         "start_time": sp["start_time"],
@@ -525,6 +664,7 @@ def _new_summary(sp: dict[str, Any]) -> dict[str, Any]:
         "trace_id": sp["trace_id"],
         "project_id": None,
         "key_id": None,
+        "team_id": None,
         "name": sp["name"],
         "start_time": sp["start_time"],
         "end_time": sp["end_time"],

@@ -67,6 +67,7 @@ def span_to_row(rec: SpanRecord, store_bodies: bool = True) -> dict[str, Any]:
         "parent_span_id": rec.parent_span_id,
         "project_id": rec.project_id,
         "key_id": rec.key_id,
+        "team_id": rec.team_id,
         "name": rec.name,
         "kind": rec.kind,
         "start_time": from_epoch(rec.start_time),
