@@ -31,6 +31,10 @@ class Principal:
     name: str | None = None
     team_id: str | None = None
     end_user: str | None = None  # requests by this key are attributed to this end user by default
+    # rate limits and budgets as configured on the key, its team and its project (enforced by the gateway)
+    limits: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    team_limits: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    project_limits: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models

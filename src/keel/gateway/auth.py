@@ -59,6 +59,9 @@ class KeyCache:
             name=row.name,
             team_id=row.team_id,
             end_user=row.end_user,
+            limits=row.limits,
+            team_limits=row.team_limits,
+            project_limits=row.project_limits,
         )
 
     def load(self) -> None:

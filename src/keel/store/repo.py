@@ -84,6 +84,8 @@ class KeyRow:
     team_name: str | None = None
     end_user: str | None = None
     limits: dict[str, Any] | None = None
+    team_limits: dict[str, Any] | None = None
+    project_limits: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -315,7 +317,7 @@ class Store:
 
     def _key_rows(self, where: Any = None) -> list[KeyRow]:
         stmt = (
-            select(ApiKey, Project.name, Team.name)
+            select(ApiKey, Project.name, Team.name, Team.limits, Project.limits)
             .join(Project, Project.id == ApiKey.project_id)
             .outerjoin(Team, Team.id == ApiKey.team_id)
         )
@@ -338,8 +340,12 @@ class Store:
                     team_name=tname,
                     end_user=k.end_user,
                     limits=k.limits,
+                    team_limits=tlimits,
+                    project_limits=plimits,
                 )
-                for k, pname, tname in s.execute(stmt.order_by(ApiKey.created_at, ApiKey.id)).all()
+                for k, pname, tname, tlimits, plimits in s.execute(
+                    stmt.order_by(ApiKey.created_at, ApiKey.id)
+                ).all()
             ]
 
     def get_key(self, key_id: str) -> KeyRow | None:
