@@ -22,6 +22,7 @@ from keel.errors import ConfigError
 __all__ = [
     "SETTINGS",
     "STRATEGIES",
+    "CacheConfig",
     "CooldownConfig",
     "FallbackConfig",
     "ModelConfig",
@@ -113,7 +114,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
-_MODEL_KEYS = {"models", "routing"}
+_MODEL_KEYS = {"models", "routing", "cache"}
 
 
 def resolve_secret(value: str | None, key: str, env: Mapping[str, str] | None = None) -> str | None:
@@ -234,11 +235,30 @@ class RoutingConfig(BaseModel):
 FallbackConfig = RoutingConfig  # the name the first release used
 
 
+class CacheConfig(BaseModel):
+    """Response caching (off by default): exact (normalised request hash) and semantic (MiniLM)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    ttl_s: float = Field(default=3600.0, gt=0)
+    semantic: bool = Field(default=False, description="Also match paraphrases of the last user turn.")
+    semantic_threshold: float = Field(default=0.92, gt=0, le=1)
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Semantic threshold per model name."
+    )
+    models: list[str] | None = Field(
+        default=None, description="Only these model names are cached (default: all)."
+    )
+    cache_tool_calls: bool = Field(default=False, description="Cache tool-calling turns too.")
+
+
 class _FileShape(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelConfig] = Field(default_factory=list)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
 @dataclass(frozen=True)
@@ -267,6 +287,7 @@ class Settings:
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def with_overrides(self, **kw: Any) -> Settings:
         return replace(self, **kw)
@@ -421,4 +442,5 @@ def load_settings(
         models=tuple(models),
         fallbacks=fallbacks,
         routing=routing,
+        cache=shape.cache,
     )

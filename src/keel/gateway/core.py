@@ -28,9 +28,19 @@ from keel.errors import (
 )
 from keel.gateway.asgi import ClientGone, Receive, Scope, Send, read_body, send_bytes, send_error
 from keel.gateway.auth import KeyCache, bearer_token
+from keel.gateway.cache import (
+    CachedResponse,
+    CacheHit,
+    ResponseCache,
+    cacheable,
+    storable,
+    stream_from_cached,
+)
 from keel.gateway.health import HealthBoard
 from keel.gateway.routing import Deployment, ModelTable, Router
 from keel.gateway.stats import GatewayStats
+from keel.pricing import price
+from keel.providers.openai import usage_from_openai
 from keel.tracing import TraceWriter, new_span_id, new_trace_id, parse_traceparent
 from keel.types import ChatResult, Principal, SpanRecord, Usage
 
@@ -55,6 +65,7 @@ class _Req:
         "auth",
         "body",
         "content_length",
+        "headers",
         "metadata",
         "parent",
         "principal",
@@ -68,6 +79,7 @@ class _Req:
     )
 
     def __init__(self, scope: Scope) -> None:
+        self.headers = scope["headers"]
         self.start = time.time()
         self.start_pc = time.perf_counter()
         self.auth: str | None = None
@@ -127,6 +139,8 @@ class Gateway:
         self.health = health or HealthBoard(settings.routing.cooldown)
         self.router = Router(models, settings.routing, self.health)
         self.limit = settings.max_request_bytes
+        self.cache: ResponseCache | None = None  # set by the app when caching is configured
+        self._background: set[asyncio.Task[Any]] = set()
         # estimating prompt tokens costs time: only when a deployment declares a context window
         self._needs_estimate = any(d.config.max_input_tokens for d in models.all())
 
@@ -273,11 +287,27 @@ class Gateway:
                 )
             if not (req.principal.may_use(model) or req.principal.may_use(target)):
                 raise Forbidden(f"this key is not allowed to use model '{model}'", code="model_not_allowed")
+            if self.cache is not None and self._caches(target):
+                ok, why = cacheable(body, req.headers, cache_tool_calls=self.settings.cache.cache_tool_calls)
+                if ok:
+                    cfg = self.settings.cache
+                    scope = req.principal.project_id or "_master"
+                    thr = cfg.thresholds.get(target, cfg.semantic_threshold) if cfg.semantic else None
+                    hit = await self.cache.lookup(body, scope, semantic_threshold=thr)
+                    if hit is not None:
+                        await self._serve_cached(req, body, hit, out, route, name)
+                        return
+                    run.cache_scope = scope
+                else:
+                    run.cache_bypass = why
+                out.add_header(b"x-keel-cache", b"miss")
             if body.get("stream"):
                 await self._run_stream(req, body, target, run, out, route, name)
             else:
                 result = await self._attempt_all(body, target, run, stream=False)
                 assert isinstance(result, ChatResult)
+                if run.cache_scope is not None:
+                    self._cache_store(body, run, result.body, result.usage)
                 try:
                     await out.complete(result)
                 finally:
@@ -469,7 +499,82 @@ class Gateway:
         }
         rec.ttft_ms = (first_at - req.start_pc) * 1000.0
         self.stats.ttft[route].observe(first_at - req.start_pc)
+        if run.cache_scope is not None and rec.status == "ok":
+            completion = {
+                "id": f"chatcmpl-{req.trace_id}",
+                "object": "chat.completion",
+                "created": int(req.start),
+                "model": rec.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {k: v for k, v in rec.output.items() if k != "finish_reason"},
+                        "finish_reason": opened.finish_reason,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": usage.input_tokens or 0,
+                    "completion_tokens": usage.output_tokens or 0,
+                    "total_tokens": (usage.input_tokens or 0) + (usage.output_tokens or 0),
+                },
+            }
+            self._cache_store(body, run, completion, usage)
         self._finish(req, rec, route, run)
+
+    def _caches(self, target: str) -> bool:
+        models = self.settings.cache.models
+        return models is None or target in models
+
+    def _cache_store(self, body: dict[str, Any], run: _Run, completion: dict[str, Any], usage: Usage) -> None:
+        """Store a fresh answer in the background (embedding a paraphrase key must not delay the reply)."""
+        assert self.cache is not None and run.cache_scope is not None
+        ok, _ = storable(completion)
+        if not ok:
+            return
+        dep = run.served
+        cost = (
+            price(dep.config.upstream_model, dep.config.provider, usage, dep.price_override) if dep else None
+        )
+        value = CachedResponse.from_completion(completion, cost_usd=cost)
+        task = asyncio.get_running_loop().create_task(
+            self.cache.store(
+                body, run.cache_scope, value, self.settings.cache.ttl_s, semantic=self.settings.cache.semantic
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _serve_cached(
+        self, req: _Req, body: dict[str, Any], hit: CacheHit, out: Responder, route: str, name: str
+    ) -> None:
+        """Answer from the cache: no upstream call, no cost; the saving is recorded on the trace."""
+        resp = hit.response
+        out.add_header(b"x-keel-cache", b"hit")
+        usage = usage_from_openai(resp.usage)
+        error: KeelError | None = None
+        try:
+            if body.get("stream"):
+                wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                await out.stream_start()
+                for chunk in stream_from_cached(resp, include_usage=wants_usage):
+                    await out.stream_chunk(chunk)
+                await out.stream_end()
+            else:
+                await out.complete(ChatResult(body=resp.body, usage=usage, served_model=resp.model))
+        except OSError:
+            error = KeelError("the client closed the connection", status=499, code="client_disconnected")
+        rec = self._span(req, name, 200 if error is None else 499, error)
+        rec.model = resp.model
+        rec.provider = "cache"
+        rec.usage = usage
+        rec.cost_usd = 0.0
+        rec.output = resp.body
+        rec.attributes["keel.cache"] = hit.kind
+        rec.attributes["keel.cost_saved_usd"] = resp.cost_usd
+        if hit.kind == "semantic":
+            rec.attributes["keel.cache_similarity"] = round(hit.similarity, 4)
+        self.stats.cache_hits[hit.kind] += 1
+        self._finish(req, rec, route)
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/embeddings (OpenAI-compatible upstreams and the local MiniLM model)."""
@@ -576,6 +681,7 @@ def _estimate_usage(body: dict[str, Any], output: str) -> Usage:
 class Responder(Protocol):
     """Writes the gateway's answer in the dialect the client called (OpenAI here; Anthropic in messages.py)."""
 
+    def add_header(self, name: bytes, value: bytes) -> None: ...
     async def complete(self, result: ChatResult) -> None: ...
     async def error(self, err: KeelError) -> None: ...
     async def stream_start(self) -> None: ...
@@ -592,6 +698,9 @@ class OpenAIResponder:
     def __init__(self, send: Send, trace_id: str) -> None:
         self._send = send
         self._hdrs = [(b"x-keel-trace-id", trace_id.encode())]
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        self._hdrs.append((name, value))
 
     async def complete(self, result: ChatResult) -> None:
         payload = result.raw if result.raw is not None else orjson.dumps(result.body)
@@ -621,7 +730,16 @@ class OpenAIResponder:
 class _Run:
     """The attempts of one request: which deployments were tried, skipped, and which one served."""
 
-    __slots__ = ("attempts", "req", "served", "served_name", "skipped", "upstream_s")
+    __slots__ = (
+        "attempts",
+        "cache_bypass",
+        "cache_scope",
+        "req",
+        "served",
+        "served_name",
+        "skipped",
+        "upstream_s",
+    )
 
     def __init__(self, req: _Req) -> None:
         self.req = req
@@ -630,6 +748,8 @@ class _Run:
         self.served: Deployment | None = None
         self.served_name: str | None = None
         self.upstream_s = 0.0
+        self.cache_scope: str | None = None  # set on a cache miss: store the answer under this scope
+        self.cache_bypass: str | None = None
 
     def attempt(self, dep: Deployment, n: int, name: str, t0: float, err: KeelError | None) -> None:
         self.attempts.append((dep, n, name, t0, time.perf_counter(), err))
@@ -646,6 +766,10 @@ class _Run:
             rec.attributes["keel.attempts"] = len(self.attempts)
         if self.served_name and rec.requested_model and self.served_name != rec.requested_model:
             rec.attributes["keel.served_by"] = self.served_name
+        if self.cache_scope is not None:
+            rec.attributes["keel.cache"] = "miss"
+        elif self.cache_bypass:
+            rec.attributes["keel.cache"] = f"bypass: {self.cache_bypass}"
         if self.skipped:
             rec.attributes["keel.skipped"] = [
                 {"deployment": d.label, "reason": why} for d, why in self.skipped

@@ -43,6 +43,9 @@ class AnthropicResponder:
         self._parser = SSEParser()
         self._errored = False
 
+    def add_header(self, name: bytes, value: bytes) -> None:
+        self._hdrs.append((name, value))
+
     async def complete(self, result: ChatResult) -> None:
         body = openai_to_anthropic_response(result.body, self._model)
         await send_bytes(self._send, 200, orjson.dumps(body), self._hdrs)

@@ -73,6 +73,7 @@ class GatewayStats:
         self.fallbacks: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.cooldowns: defaultdict[str, int] = defaultdict(int)
         self.cost: defaultdict[tuple[str, str], float] = defaultdict(float)
+        self.cache_hits: defaultdict[str, int] = defaultdict(int)
         self.health: Any = None  # a HealthBoard, for the cooldown-state gauge
         self.gauges: dict[str, Any] = {}
         self.counters: dict[str, Any] = {}
@@ -112,6 +113,10 @@ class GatewayStats:
         for dep, n in list(self.cooldowns.items()):
             cd.add_metric([dep], n)
         yield cd
+        ch = CounterMetricFamily("keel_cache_hits", "Requests answered from the cache", labels=["kind"])
+        for kind, n in list(self.cache_hits.items()):
+            ch.add_metric([kind], n)
+        yield ch
         cost = CounterMetricFamily(
             "keel_cost_usd", "USD spent by model and deployment", labels=["model", "deployment"]
         )

@@ -28,6 +28,16 @@ import keel
 from keel.config import SETTINGS, ModelConfig, Settings
 from keel.gateway.asgi import Receive, Scope, Send, send_bytes
 from keel.gateway.auth import KeyCache
+from keel.gateway.cache import (
+    ExactCache,
+    MemoryExactCache,
+    MemorySemanticIndex,
+    RedisExactCache,
+    RedisSemanticIndex,
+    ResponseCache,
+    SemanticCache,
+    SemanticIndex,
+)
 from keel.gateway.core import Gateway
 from keel.gateway.health import HealthBoard, SharedHealth
 from keel.gateway.messages import messages_endpoint
@@ -156,6 +166,8 @@ def create_app(
     stats.health = health
     shared = SharedHealth(health, settings.redis_url) if settings.redis_url else None
     gateway = Gateway(settings, keys, models, writer, stats, health)
+    if settings.cache.enabled:
+        gateway.cache = _build_cache(settings)
     state = KeelState(settings, store, keys, models, writer, gateway, stats, master_key)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(stats))  # type: ignore[arg-type]
@@ -232,6 +244,18 @@ def create_app(
 
     mount_ui(api)
     return KeelApp(state, api)
+
+
+def _build_cache(settings: Settings) -> ResponseCache:
+    """Exact (and optionally semantic) response cache: in-process, or shared through Redis."""
+    exact: ExactCache
+    index: SemanticIndex
+    if settings.redis_url:
+        exact = RedisExactCache(settings.redis_url)
+        index = RedisSemanticIndex(settings.redis_url)
+    else:
+        exact, index = MemoryExactCache(), MemorySemanticIndex()
+    return ResponseCache(exact, SemanticCache(index) if settings.cache.semantic else None)
 
 
 def _tune_gc() -> None:
