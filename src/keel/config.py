@@ -111,6 +111,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream_timeout_s", float, 600.0, "Default total timeout of one upstream call."),
     Setting("upstream_connect_timeout_s", float, 10.0, "Default connect timeout of one upstream call."),
     Setting("retention_days", float, 0.0, "Delete traces older than this many days (0 keeps them forever)."),
+    Setting(
+        "alert_webhook_url", str, None, "URL that receives a JSON POST when a soft budget limit is crossed."
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -284,6 +287,7 @@ class Settings:
     upstream_timeout_s: float = 600.0
     upstream_connect_timeout_s: float = 10.0
     retention_days: float = 0.0
+    alert_webhook_url: str | None = None
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     routing: RoutingConfig = field(default_factory=RoutingConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from typing import Any, Protocol
@@ -37,6 +38,14 @@ from keel.gateway.cache import (
     stream_from_cached,
 )
 from keel.gateway.health import HealthBoard
+from keel.gateway.limits import (
+    Budget,
+    BudgetLedger,
+    Limit,
+    MemoryBudgetLedger,
+    MemoryRateLimiter,
+    RateLimiter,
+)
 from keel.gateway.routing import Deployment, ModelTable, Router
 from keel.gateway.stats import GatewayStats
 from keel.pricing import price
@@ -69,6 +78,7 @@ class _Req:
         "metadata",
         "parent",
         "principal",
+        "run_id",
         "session",
         "span_id",
         "start",
@@ -89,6 +99,7 @@ class _Req:
         tags: str | None = None
         meta: str | None = None
         session: str | None = None
+        self.run_id: str | None = None
         for k, v in scope["headers"]:
             if k == b"authorization":
                 self.auth = v.decode("latin-1")
@@ -104,6 +115,8 @@ class _Req:
                 meta = v.decode("utf-8", "replace")
             elif k == b"x-keel-session-id":
                 session = v.decode("utf-8", "replace")
+            elif k == b"x-keel-run-id":
+                self.run_id = v.decode("utf-8", "replace")[:200]
         ctx = parse_traceparent(tp)
         self.trace_id: str
         self.parent: str | None
@@ -140,6 +153,9 @@ class Gateway:
         self.router = Router(models, settings.routing, self.health)
         self.limit = settings.max_request_bytes
         self.cache: ResponseCache | None = None  # set by the app when caching is configured
+        self.limiter: RateLimiter = MemoryRateLimiter()  # the app swaps in Redis-backed ones when configured
+        self.ledger: BudgetLedger = MemoryBudgetLedger()
+        self.on_alert: Any = None  # called with (budget, status) when a soft budget limit is crossed
         self._background: set[asyncio.Task[Any]] = set()
         # estimating prompt tokens costs time: only when a deployment declares a context window
         self._needs_estimate = any(d.config.max_input_tokens for d in models.all())
@@ -287,6 +303,7 @@ class Gateway:
                 )
             if not (req.principal.may_use(model) or req.principal.may_use(target)):
                 raise Forbidden(f"this key is not allowed to use model '{model}'", code="model_not_allowed")
+            await self._admit(req, body, run)
             if self.cache is not None and self._caches(target):
                 ok, why = cacheable(body, req.headers, cache_tool_calls=self.settings.cache.cache_tool_calls)
                 if ok:
@@ -295,6 +312,7 @@ class Gateway:
                     thr = cfg.thresholds.get(target, cfg.semantic_threshold) if cfg.semantic else None
                     hit = await self.cache.lookup(body, scope, semantic_threshold=thr)
                     if hit is not None:
+                        self._settle(run, None)  # nothing was spent: release the reservation
                         await self._serve_cached(req, body, hit, out, route, name)
                         return
                     run.cache_scope = scope
@@ -317,12 +335,14 @@ class Gateway:
                         run.served.config.upstream_model if run.served else None
                     )
                     rec.usage = result.usage
+                    self._settle(run, result.usage)
                     rec.output = result.body
                     self.stats.overhead[route].observe(
                         max(0.0, time.perf_counter() - req.start_pc - run.upstream_s)
                     )
                     self._finish(req, rec, route, run)
         except KeelError as err:
+            self._settle(run, None)
             rec = self._span(req, name, err.status, err)
             run.describe(rec)
             self._finish(req, rec, route, run)
@@ -491,6 +511,7 @@ class Gateway:
         if usage.input_tokens is None and usage.output_tokens is None:
             usage = _estimate_usage(body, opened.output_text)
         rec.usage = usage
+        self._settle(run, usage)
         rec.output = {
             "role": "assistant",
             "content": opened.output_text or None,
@@ -520,6 +541,118 @@ class Gateway:
             }
             self._cache_store(body, run, completion, usage)
         self._finish(req, rec, route, run)
+
+    async def _admit(self, req: _Req, body: dict[str, Any], run: _Run) -> None:
+        """Rate limits and budgets of the key, its team and its project: one atomic step each.
+
+        RPM/TPM are counted before the call (TPM with prompt + max_tokens, corrected afterwards);
+        the budget reserves the most the call can cost and settles the actual cost afterwards.
+        """
+        p = req.principal
+        assert p is not None
+        scoped = [
+            ("key", p.key_id, p.limits),
+            ("team", p.team_id, p.team_limits),
+            ("project", p.project_id, p.project_limits),
+        ]
+        user = body.get("user") if isinstance(body.get("user"), str) else p.end_user
+        if user and p.project_limits and p.project_limits.get("user_rpm"):
+            scoped.append(("user", f"{p.project_id}:{user}", {"rpm": p.project_limits["user_rpm"]}))
+        limits = [
+            Limit(f"{kind}:{ident}", rpm=cfg.get("rpm"), tpm=cfg.get("tpm"))
+            for kind, ident, cfg in scoped
+            if ident and cfg and (cfg.get("rpm") or cfg.get("tpm"))
+        ]
+        budgets = [
+            Budget(
+                f"{kind}:{ident}",
+                limit_usd=float(cfg["budget_usd"]),
+                period=str(cfg.get("budget_period", "monthly")),
+                soft_limit_usd=cfg.get("soft_budget_usd"),
+            )
+            for kind, ident, cfg in scoped
+            if ident and cfg and cfg.get("budget_usd") is not None
+        ]
+        run_id = req.run_id
+        if (
+            run_id
+            and p.project_limits
+            and (p.project_limits.get("run_budget_usd") or p.project_limits.get("run_max_calls"))
+        ):
+            pl = p.project_limits
+            budgets.append(
+                Budget(
+                    f"run:{p.project_id}:{run_id}",
+                    limit_usd=float(pl.get("run_budget_usd") or math.inf),
+                    period="total",
+                    max_calls=pl.get("run_max_calls"),
+                )
+            )
+        if not limits and not budgets:
+            return
+        prompt = _prompt_estimate(body)
+        max_out = int(body.get("max_completion_tokens") or body.get("max_tokens") or 4096)
+        if limits:
+            decision = await self.limiter.check(limits, prompt + max_out)
+            decision.raise_if_denied()
+            run.limits = (limits, prompt + max_out, decision.at)
+        if budgets:
+            target = self.router.resolve(body["model"])
+            deps = self.models.by_name.get(target or "", [])
+            worst = max(
+                (
+                    price(
+                        d.config.upstream_model,
+                        d.config.provider,
+                        Usage(input_tokens=prompt, output_tokens=max_out),
+                        d.price_override,
+                    )
+                    or 0.0
+                    for d in deps
+                ),
+                default=0.0,
+            )
+            reservation = await self.ledger.reserve(budgets, f"{req.trace_id}:{req.span_id}", worst)
+            if not reservation.ok:
+                if run.limits:
+                    limits_, est, at = run.limits
+                    await self.limiter.settle_tokens(limits_, est, 0, admitted_at=at)
+                    run.limits = None
+                reservation.raise_if_denied()
+            run.reservation = f"{req.trace_id}:{req.span_id}"
+
+    def _settle(self, run: _Run, usage: Usage | None) -> None:
+        """Correct TPM and settle (or release) the budget reservation, in the background."""
+        limits, reservation = run.limits, run.reservation
+        run.limits = run.reservation = None
+        if limits is None and reservation is None:
+            return
+        dep = run.served
+
+        async def settle() -> None:
+            if limits is not None:
+                lim, est, at = limits
+                actual = ((usage.input_tokens or 0) + (usage.output_tokens or 0)) if usage else 0
+                await self.limiter.settle_tokens(lim, est, actual, admitted_at=at)
+            if reservation is not None:
+                if usage is None or dep is None:
+                    await self.ledger.release(reservation)
+                    return
+                cost = price(dep.config.upstream_model, dep.config.provider, usage, dep.price_override) or 0.0
+                result = await self.ledger.settle(reservation, cost)
+                for budget in result.soft_limits_crossed:
+                    self.stats.budget_alerts[budget.scope] += 1
+                    if self.on_alert is not None:
+                        await self.on_alert(budget, await self.ledger.status(budget))
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background settlement failed: %r", task.exception())
 
     def _caches(self, target: str) -> bool:
         models = self.settings.cache.models
@@ -734,7 +867,9 @@ class _Run:
         "attempts",
         "cache_bypass",
         "cache_scope",
+        "limits",
         "req",
+        "reservation",
         "served",
         "served_name",
         "skipped",
@@ -749,6 +884,8 @@ class _Run:
         self.served_name: str | None = None
         self.upstream_s = 0.0
         self.cache_scope: str | None = None  # set on a cache miss: store the answer under this scope
+        self.limits: tuple[list[Limit], int, float | None] | None = None  # counted limits, tokens, when
+        self.reservation: str | None = None  # budget reservation id to settle or release
         self.cache_bypass: str | None = None
 
     def attempt(self, dep: Deployment, n: int, name: str, t0: float, err: KeelError | None) -> None:

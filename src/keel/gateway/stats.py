@@ -74,6 +74,7 @@ class GatewayStats:
         self.cooldowns: defaultdict[str, int] = defaultdict(int)
         self.cost: defaultdict[tuple[str, str], float] = defaultdict(float)
         self.cache_hits: defaultdict[str, int] = defaultdict(int)
+        self.budget_alerts: defaultdict[str, int] = defaultdict(int)
         self.health: Any = None  # a HealthBoard, for the cooldown-state gauge
         self.gauges: dict[str, Any] = {}
         self.counters: dict[str, Any] = {}
@@ -113,6 +114,10 @@ class GatewayStats:
         for dep, n in list(self.cooldowns.items()):
             cd.add_metric([dep], n)
         yield cd
+        ba = CounterMetricFamily("keel_budget_alerts", "Soft budget limits crossed", labels=["scope"])
+        for scope, n in list(self.budget_alerts.items()):
+            ba.add_metric([scope], n)
+        yield ba
         ch = CounterMetricFamily("keel_cache_hits", "Requests answered from the cache", labels=["kind"])
         for kind, n in list(self.cache_hits.items()):
             ch.add_metric([kind], n)

@@ -89,6 +89,10 @@ class KeyCreated(KeyOut):
 
 class ProjectCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
+    limits: dict[str, Any] | None = Field(
+        default=None,
+        description="Project budget/rate limits; user_rpm; run_budget_usd and run_max_calls for agent runs.",
+    )
 
 
 class ProjectOut(BaseModel):
@@ -292,11 +296,14 @@ def build_api_router() -> APIRouter:
         return projects if p.is_master else [x for x in projects if x["id"] == p.project_id]
 
     @r.post("/projects", response_model=ProjectOut, status_code=201, tags=["projects"])
-    def create_project(request: Request, body: ProjectCreate, p: Caller) -> dict[str, Any]:
+    async def create_project(request: Request, body: ProjectCreate, p: Caller) -> dict[str, Any]:
         _require_admin(p)
         store = request.app.state.keel.store
-        store.ensure_project(body.name)
-        proj: dict[str, Any] = store.get_project(body.name)
+        pid = await run_in_threadpool(store.ensure_project, body.name)
+        if body.limits is not None:
+            await run_in_threadpool(store.set_project_limits, pid, body.limits)
+            await request.app.state.keel.keys.changed()
+        proj: dict[str, Any] = await run_in_threadpool(store.get_project, body.name)
         return proj
 
     @r.get("/teams", response_model=list[TeamOut], tags=["teams"], summary="List teams")
@@ -309,15 +316,14 @@ def build_api_router() -> APIRouter:
     @r.post(
         "/teams", response_model=TeamOut, status_code=201, tags=["teams"], summary="Create or update a team"
     )
-    def create_team(request: Request, body: TeamCreate, p: Caller) -> dict[str, Any]:
+    async def create_team(request: Request, body: TeamCreate, p: Caller) -> dict[str, Any]:
         _require_admin(p)
-        store = request.app.state.keel.store
-        pid = (
-            store.get_project(body.project)["id"]
-            if store.get_project(body.project)
-            else store.ensure_project(body.project)
-        )
-        team: dict[str, Any] = store.ensure_team(pid, body.name, body.limits)
+        keel = request.app.state.keel
+        store = keel.store
+        proj = await run_in_threadpool(store.get_project, body.project)
+        pid = proj["id"] if proj else await run_in_threadpool(store.ensure_project, body.project)
+        team: dict[str, Any] = await run_in_threadpool(store.ensure_team, pid, body.name, body.limits)
+        await keel.keys.changed()  # keys of the team pick up its limits
         return team
 
     @r.get("/usage", response_model=UsageOut, tags=["usage"], summary="Spend, tokens and requests, grouped")

@@ -40,6 +40,7 @@ from keel.gateway.cache import (
 )
 from keel.gateway.core import Gateway
 from keel.gateway.health import HealthBoard, SharedHealth
+from keel.gateway.limits import RedisBudgetLedger, RedisRateLimiter
 from keel.gateway.messages import messages_endpoint
 from keel.gateway.routing import ModelTable
 from keel.gateway.stats import GatewayStats
@@ -168,6 +169,11 @@ def create_app(
     gateway = Gateway(settings, keys, models, writer, stats, health)
     if settings.cache.enabled:
         gateway.cache = _build_cache(settings)
+    if settings.redis_url:
+        gateway.limiter = RedisRateLimiter(settings.redis_url)
+        gateway.ledger = RedisBudgetLedger(settings.redis_url)
+    if settings.alert_webhook_url:
+        gateway.on_alert = _webhook(settings.alert_webhook_url)
     state = KeelState(settings, store, keys, models, writer, gateway, stats, master_key)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(stats))  # type: ignore[arg-type]
@@ -256,6 +262,30 @@ def _build_cache(settings: Settings) -> ResponseCache:
     else:
         exact, index = MemoryExactCache(), MemorySemanticIndex()
     return ResponseCache(exact, SemanticCache(index) if settings.cache.semantic else None)
+
+
+def _webhook(url: str) -> Any:
+    """An alert sink that POSTs JSON to ``url`` (failures are logged, never raised into a request)."""
+    import aiohttp
+
+    async def post(budget: Any, status: dict[str, Any]) -> None:
+        payload = {
+            "type": "budget.soft_limit_crossed",
+            "scope": budget.scope,
+            "period": budget.period,
+            "status": status,
+        }
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+                async with s.post(
+                    url, data=orjson.dumps(payload), headers={"content-type": "application/json"}
+                ) as r:
+                    if r.status >= 300:
+                        log.warning("alert webhook %s answered %s", url, r.status)
+        except Exception as exc:
+            log.warning("alert webhook %s failed: %s", url, exc)
+
+    return post
 
 
 def _tune_gc() -> None:

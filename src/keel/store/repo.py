@@ -218,6 +218,10 @@ class Store:
             s.add(Project(id=pid, name=name, created_at=utcnow()))
         return pid
 
+    def set_project_limits(self, project_id: str, limits: dict[str, Any] | None) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(Project).where(Project.id == project_id).values(limits=limits or None))
+
     def list_projects(self) -> list[dict[str, Any]]:
         with Session(self.engine) as s:
             rows = s.scalars(select(Project).order_by(Project.name)).all()
