@@ -288,6 +288,7 @@ class Settings:
     upstream_connect_timeout_s: float = 10.0
     retention_days: float = 0.0
     alert_webhook_url: str | None = None
+    rate_limit_window_s: float = 60.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     routing: RoutingConfig = field(default_factory=RoutingConfig)

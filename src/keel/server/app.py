@@ -40,7 +40,7 @@ from keel.gateway.cache import (
 )
 from keel.gateway.core import Gateway
 from keel.gateway.health import HealthBoard, SharedHealth
-from keel.gateway.limits import RedisBudgetLedger, RedisRateLimiter
+from keel.gateway.limits import MemoryRateLimiter, RedisBudgetLedger, RedisRateLimiter
 from keel.gateway.messages import messages_endpoint
 from keel.gateway.routing import ModelTable
 from keel.gateway.stats import GatewayStats
@@ -169,8 +169,9 @@ def create_app(
     gateway = Gateway(settings, keys, models, writer, stats, health)
     if settings.cache.enabled:
         gateway.cache = _build_cache(settings)
+    gateway.limiter = MemoryRateLimiter(window_s=settings.rate_limit_window_s)
     if settings.redis_url:
-        gateway.limiter = RedisRateLimiter(settings.redis_url)
+        gateway.limiter = RedisRateLimiter(settings.redis_url, window_s=settings.rate_limit_window_s)
         gateway.ledger = RedisBudgetLedger(settings.redis_url)
     if settings.alert_webhook_url:
         gateway.on_alert = _webhook(settings.alert_webhook_url)
