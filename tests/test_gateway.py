@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import httpx
 import openai
@@ -502,3 +503,53 @@ def test_usage_is_counted_when_the_upstream_reports_none() -> None:
 
     u = _estimate_usage({"messages": [{"role": "user", "content": "hello world"}]}, "Hi there, friend.")
     assert u.estimated and u.input_tokens == 3 + 3 + 2 and u.output_tokens == 5
+
+
+def test_a_provider_bug_is_an_openai_shaped_500_with_a_trace(
+    tmp_path: Any, mock_upstream: MockProvider
+) -> None:
+    from keel.config import ModelConfig, Settings
+    from keel.plugins import provider_factories
+    from keel.server import create_app
+    from keel.store import Store
+    from tests.conftest import MASTER_KEY, ServerThread
+
+    class Broken:
+        name = "broken"
+
+        def __init__(self, deployment: Any, settings: Any) -> None:
+            pass
+
+        async def chat(self, body: Any, headers: Any) -> Any:
+            raise ZeroDivisionError("a bug")
+
+        async def chat_stream(self, body: Any, headers: Any) -> Any:
+            raise ZeroDivisionError("a bug")
+
+        async def aclose(self) -> None:
+            return None
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/k.db",
+        master_key=MASTER_KEY,
+        data_dir=str(tmp_path),
+        trace_writer="thread",
+        models=(ModelConfig(name="broken", provider="broken"),),
+    )
+    app = create_app(
+        settings,
+        store=Store.from_url(settings.database_url),
+        factories={**provider_factories(), "broken": Broken},
+    )
+    server = ServerThread(app).start()
+    try:
+        k = Keel(server, app, "sqlite")
+        for stream in (False, True):
+            resp = post(k, {"model": "broken", "messages": MSGS, "stream": stream})
+            assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
+            assert "Traceback" not in resp.text and "a bug" not in resp.text
+            trace = k.wait_for_trace(resp.headers["x-keel-trace-id"])
+            assert trace["status"] == "error" and "internal_error" in trace["error"]
+        k.http.close()
+    finally:
+        server.stop()

@@ -388,3 +388,11 @@ def test_read_timeout_retries_then_falls_back(build: Any, good: MockProvider, ba
     root, attempts = spans(k, raw)
     assert root["attributes"]["keel.served_by"] == "backup"
     assert [a["error"].split(":")[0] for a in attempts[:2]] == ["upstream_timeout", "upstream_timeout"]
+
+
+def test_prompt_over_every_context_window_without_fallback_is_400(build: Any, good: MockProvider) -> None:
+    k = build([dep("tiny", good, max_input_tokens=5)])
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(k, "tiny")
+    assert exc.value.response.json()["error"]["code"] == "context_length_exceeded"
+    assert len(good.requests) == 0  # refused by keel's own estimate, never sent

@@ -341,7 +341,13 @@ class Gateway:
                         max(0.0, time.perf_counter() - req.start_pc - run.upstream_s)
                     )
                     self._finish(req, rec, route, run)
-        except KeelError as err:
+        except Exception as exc:
+            # a provider bug must still answer in the API's shape and leave a trace, never a bare 500
+            if isinstance(exc, KeelError):
+                err = exc
+            else:
+                log.exception("request failed inside keel")
+                err = KeelError(f"internal error ({type(exc).__name__})", status=500, code="internal_error")
             self._settle(run, None)
             rec = self._span(req, name, err.status, err)
             run.describe(rec)
@@ -443,6 +449,12 @@ class Gateway:
                 nxt = self.router.fallbacks(target, escalate) or self.router.fallbacks(name, escalate)
                 if not nxt and last is not None:
                     raise last
+                if not nxt and escalate == "context_window_fallbacks":
+                    raise BadRequest(
+                        f"the prompt (~{prompt_tokens} tokens) exceeds the context window of every deployment "
+                        f"of '{name}' and no context-window fallback is configured",
+                        code="context_length_exceeded",
+                    )
                 queue = [(n, escalate) for n in nxt] + queue
                 continue
             if why == "primary":

@@ -92,13 +92,6 @@ class ModelTable:
     def all(self) -> list[Deployment]:
         return [d for ds in self.by_name.values() for d in ds]
 
-    def choose(self, name: str) -> Deployment | None:
-        """One deployment of ``name`` (weighted), or None; the router's plan is what the gateway uses."""
-        ds = self.by_name.get(name)
-        if not ds:
-            return None
-        return random.choices(ds, weights=[d.config.weight for d in ds])[0] if len(ds) > 1 else ds[0]
-
     async def aclose(self) -> None:
         for d in self.all():
             await d.provider.aclose()
