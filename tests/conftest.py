@@ -39,6 +39,8 @@ BACKENDS = [
     b.strip() for b in os.environ.get("KEEL_TEST_BACKENDS", "sqlite,postgresql").split(",") if b.strip()
 ]
 MASTER_KEY = "sk-keel-master-test-0123456789"
+# one Redis namespace per test session: concurrent sessions on one Redis never see each other's state
+REDIS_PREFIX = f"keel-test-{uuid.uuid4().hex[:8]}:"
 
 
 def free_port() -> int:
@@ -230,6 +232,7 @@ def make_keel(
     settings = Settings(
         database_url=db_url,
         redis_url=redis,
+        redis_prefix=REDIS_PREFIX,
         master_key=MASTER_KEY,
         data_dir=str(tmp),
         trace_flush_interval_s=0.05,

@@ -57,11 +57,11 @@ def _notify_keys_changed(settings: Settings) -> None:
         return
     import redis
 
-    from keel.gateway.auth import KEYS_CHANNEL
+    from keel.gateway.auth import keys_channel
 
     try:
         r = redis.Redis.from_url(settings.redis_url)
-        n = r.publish(KEYS_CHANNEL, b"1")
+        n = r.publish(keys_channel(settings.redis_prefix), b"1")
         r.close()
         console.print(f"Notified {n} running keel process(es) through Redis.", highlight=False)
     except Exception as exc:

@@ -61,7 +61,13 @@ SETTINGS: tuple[Setting, ...] = (
         "redis_url",
         str,
         None,
-        "When set, key caches (and later limits, budgets, caches) are shared across replicas.",
+        "When set, key caches, limits, budgets, caches and cooldowns are shared across replicas.",
+    ),
+    Setting(
+        "redis_prefix",
+        str,
+        "keel:",
+        "Prefix of every Redis key and channel keel uses (several deployments may share one Redis).",
     ),
     Setting(
         "master_key",

@@ -76,6 +76,8 @@ class SpanRecord:
     ttft_ms: float | None = None
     user: str | None = None
     session_id: str | None = None
+    prompt_name: str | None = None  # the registry prompt this span rendered, if any
+    prompt_version: int | None = None
     tags: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     input: Any = None

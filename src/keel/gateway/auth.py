@@ -16,10 +16,15 @@ from typing import Any
 from keel.store import KeyRow, Store, hash_key
 from keel.types import Principal
 
-__all__ = ["KEYS_CHANNEL", "KeyCache", "bearer_token"]
+__all__ = ["KEYS_CHANNEL", "KeyCache", "bearer_token", "keys_channel"]
 
 log = logging.getLogger("keel.auth")
 KEYS_CHANNEL = "keel:keys:changed"
+
+
+def keys_channel(prefix: str = "keel:") -> str:
+    """The pub/sub channel that tells replicas to reload keys."""
+    return f"{prefix}keys:changed"
 
 
 def bearer_token(authorization: str | None, x_api_key: str | None = None) -> str | None:
@@ -37,12 +42,18 @@ class KeyCache:
     """Answers "who is this key?" from memory."""
 
     def __init__(
-        self, store: Store, master_key: str, redis_url: str | None = None, refresh_s: float = 10.0
+        self,
+        store: Store,
+        master_key: str,
+        redis_url: str | None = None,
+        refresh_s: float = 10.0,
+        redis_prefix: str = "keel:",
     ) -> None:
         self.store = store
         self._master_hash = hash_key(master_key)
         self._by_hash: dict[str, Principal] = {}
         self.redis_url = redis_url
+        self.channel = keys_channel(redis_prefix)
         self.refresh_s = refresh_s
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: Any = None
@@ -85,7 +96,7 @@ class KeyCache:
         await self.reload()
         if self._redis is not None:
             try:
-                await self._redis.publish(KEYS_CHANNEL, b"1")
+                await self._redis.publish(self.channel, b"1")
             except Exception:
                 log.warning(
                     "could not publish key change to redis; other replicas refresh within %ss", self.refresh_s
@@ -125,7 +136,7 @@ class KeyCache:
         while True:
             try:
                 pubsub = self._redis.pubsub()
-                await pubsub.subscribe(KEYS_CHANNEL)
+                await pubsub.subscribe(self.channel)
                 async for msg in pubsub.listen():
                     if msg.get("type") == "message":
                         await self.reload()

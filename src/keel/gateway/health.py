@@ -145,8 +145,12 @@ def _log_publish_failure(task: asyncio.Task[Any]) -> None:
 class SharedHealth:
     """Share cooldowns (pub/sub) and latency statistics (a Redis hash) across replicas."""
 
-    def __init__(self, board: HealthBoard, redis_url: str, sync_s: float = 2.0) -> None:
+    def __init__(
+        self, board: HealthBoard, redis_url: str, sync_s: float = 2.0, prefix: str = "keel:"
+    ) -> None:
         self.board = board
+        self.channel = f"{prefix}cooldown"
+        self.latency_key = f"{prefix}latency"
         self.redis_url = redis_url
         self.sync_s = sync_s
         self._redis: Any = None
@@ -179,14 +183,14 @@ class SharedHealth:
         if self._redis is None:
             return
         msg = orjson.dumps({"key": key, "until": until_epoch, "error": error})
-        task = asyncio.get_running_loop().create_task(self._redis.publish(COOLDOWN_CHANNEL, msg))
+        task = asyncio.get_running_loop().create_task(self._redis.publish(self.channel, msg))
         task.add_done_callback(_log_publish_failure)
 
     async def _listen(self) -> None:
         while True:
             try:
                 pubsub = self._redis.pubsub()
-                await pubsub.subscribe(COOLDOWN_CHANNEL)
+                await pubsub.subscribe(self.channel)
                 async for msg in pubsub.listen():
                     if msg.get("type") != "message":
                         continue
@@ -210,8 +214,8 @@ class SharedHealth:
                     k: h.ewma_latency_s for k, h in self.board.by_key.items() if h.ewma_latency_s is not None
                 }
                 if mine:
-                    await self._redis.hset(LATENCY_KEY, mapping={k: str(v) for k, v in mine.items()})
-                fleet = await self._redis.hgetall(LATENCY_KEY)
+                    await self._redis.hset(self.latency_key, mapping={k: str(v) for k, v in mine.items()})
+                fleet = await self._redis.hgetall(self.latency_key)
                 for raw_key, raw_val in fleet.items():
                     key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
                     val = float(raw_val)

@@ -123,6 +123,8 @@ class SpanOut(BaseModel):
     cost_usd: float | None
     priced: bool
     user: str | None
+    prompt_name: str | None = None
+    prompt_version: int | None = None
     input: Any
     output: Any
     attributes: dict[str, Any]
@@ -148,6 +150,8 @@ class TraceOut(BaseModel):
     cost_usd: float | None
     error: str | None
     span_count: int
+    prompt_name: str | None = None
+    prompt_version: int | None = None
 
 
 class TraceDetail(TraceOut):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -118,6 +119,10 @@ class KeelApp:
         await send_bytes(send, 200, b'{"status":"ok"}', [])
 
 
+# Management API areas beyond keys/projects/teams/usage/traces (keel/server/api.py).
+API_MODULES: tuple[str, ...] = ()
+
+
 def create_app(
     settings: Settings,
     *,
@@ -130,7 +135,13 @@ def create_app(
     master_key, _ = resolve_master_key(settings)
     factories = factories if factories is not None else provider_factories()
     models = ModelTable.build(settings, factories, effective_models(settings))
-    keys = KeyCache(store, master_key, redis_url=settings.redis_url, refresh_s=settings.key_refresh_s)
+    keys = KeyCache(
+        store,
+        master_key,
+        redis_url=settings.redis_url,
+        refresh_s=settings.key_refresh_s,
+        redis_prefix=settings.redis_prefix,
+    )
     stats = GatewayStats()
 
     def count_cost(rows: list[dict[str, Any]]) -> None:
@@ -165,14 +176,19 @@ def create_app(
     )
     health = HealthBoard(settings.routing.cooldown)
     stats.health = health
-    shared = SharedHealth(health, settings.redis_url) if settings.redis_url else None
+    shared = (
+        SharedHealth(health, settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else None
+    )
     gateway = Gateway(settings, keys, models, writer, stats, health)
     if settings.cache.enabled:
         gateway.cache = _build_cache(settings)
     gateway.limiter = MemoryRateLimiter(window_s=settings.rate_limit_window_s)
     if settings.redis_url:
-        gateway.limiter = RedisRateLimiter(settings.redis_url, window_s=settings.rate_limit_window_s)
-        gateway.ledger = RedisBudgetLedger(settings.redis_url)
+        prefix = settings.redis_prefix
+        gateway.limiter = RedisRateLimiter(
+            settings.redis_url, prefix=f"{prefix}rl:", window_s=settings.rate_limit_window_s
+        )
+        gateway.ledger = RedisBudgetLedger(settings.redis_url, prefix=f"{prefix}budget:")
     if settings.alert_webhook_url:
         gateway.on_alert = _webhook(settings.alert_webhook_url)
     state = KeelState(settings, store, keys, models, writer, gateway, stats, master_key)
@@ -212,6 +228,8 @@ def create_app(
     )
     api.state.keel = state
     api.include_router(build_api_router())
+    for name in API_MODULES:  # further /api areas, each a module exposing build_router() -> APIRouter
+        api.include_router(importlib.import_module(name).build_router())
     _document_gateway(api)
 
     @api.exception_handler(StarletteHTTPException)
@@ -258,8 +276,8 @@ def _build_cache(settings: Settings) -> ResponseCache:
     exact: ExactCache
     index: SemanticIndex
     if settings.redis_url:
-        exact = RedisExactCache(settings.redis_url)
-        index = RedisSemanticIndex(settings.redis_url)
+        exact = RedisExactCache(settings.redis_url, prefix=f"{settings.redis_prefix}cache:")
+        index = RedisSemanticIndex(settings.redis_url, prefix=f"{settings.redis_prefix}semcache:")
     else:
         exact, index = MemoryExactCache(), MemorySemanticIndex()
     return ResponseCache(exact, SemanticCache(index) if settings.cache.semantic else None)

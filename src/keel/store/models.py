@@ -9,7 +9,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, I
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ApiKey", "Base", "Project", "Span", "Team", "Trace", "TraceTag"]
+__all__ = ["ApiKey", "Base", "Project", "Score", "Span", "Team", "Trace", "TraceTag"]
 
 # JSON on SQLite, JSONB on PostgreSQL.
 JSONVariant = JSON().with_variant(JSONB(), "postgresql")
@@ -89,6 +89,8 @@ class Trace(Base):
     cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     span_count: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    prompt_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         Index("ix_traces_project_start", "project_id", "start_time"),
@@ -97,6 +99,7 @@ class Trace(Base):
         Index("ix_traces_status_start", "status", "start_time"),
         Index("ix_traces_user_start", "user_id", "start_time"),
         Index("ix_traces_session", "session_id"),
+        Index("ix_traces_prompt_start", "prompt_name", "prompt_version", "start_time"),
     )
 
 
@@ -140,6 +143,8 @@ class Span(Base):
     cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     priced: Mapped[bool] = mapped_column(Boolean, default=True)
     user_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    prompt_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    prompt_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     input: Mapped[Any] = mapped_column(JSONVariant, nullable=True)
     output: Mapped[Any] = mapped_column(JSONVariant, nullable=True)
     attributes: Mapped[dict[str, Any] | None] = mapped_column(JSONVariant, nullable=True)
@@ -148,4 +153,28 @@ class Span(Base):
         Index("ux_spans_trace_span", "trace_id", "span_id", unique=True),
         Index("ix_spans_project_start", "project_id", "start_time"),
         Index("ix_spans_start", "start_time"),
+    )
+
+
+class Score(Base):
+    """A score on a trace or one of its spans: numeric, boolean or categorical, from a human, the API or an eval."""
+
+    __tablename__ = "scores"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    trace_id: Mapped[str] = mapped_column(String(32))
+    span_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    name: Mapped[str] = mapped_column(String(200))
+    data_type: Mapped[str] = mapped_column(String(16))  # numeric | boolean | categorical
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)  # numeric; boolean as 0/1
+    string_value: Mapped[str | None] = mapped_column(String(200), nullable=True)  # categorical label
+    source: Mapped[str] = mapped_column(String(16))  # human | api | eval
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    author: Mapped[str | None] = mapped_column(String(256), nullable=True)  # key id, user or eval run
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ix_scores_trace", "trace_id"),
+        Index("ix_scores_project_name_created", "project_id", "name", "created_at"),
     )

@@ -154,6 +154,8 @@ def _trace_dict(t: Trace) -> dict[str, Any]:
         "cost_usd": t.cost_usd,
         "error": t.error,
         "span_count": t.span_count,
+        "prompt_name": t.prompt_name,
+        "prompt_version": t.prompt_version,
     }
 
 
@@ -180,6 +182,8 @@ def _span_dict(s: Span) -> dict[str, Any]:
         "cost_usd": s.cost_usd,
         "priced": s.priced,
         "user": s.user_id,
+        "prompt_name": s.prompt_name,
+        "prompt_version": s.prompt_version,
         "input": s.input,
         "output": s.output,
         "attributes": s.attributes or {},
@@ -663,6 +667,8 @@ def _span_row(sp: dict[str, Any]) -> dict[str, Any]:
         "cost_usd": sp.get("cost_usd"),
         "priced": sp.get("priced", True),
         "user_id": sp.get("user"),
+        "prompt_name": sp.get("prompt_name"),
+        "prompt_version": sp.get("prompt_version"),
         "input": sp.get("input"),
         "output": sp.get("output"),
         "attributes": sp.get("attributes") or None,
@@ -690,6 +696,8 @@ def _new_summary(sp: dict[str, Any]) -> dict[str, Any]:
         "cost_usd": None,
         "error": None,
         "span_count": 0,
+        "prompt_name": None,
+        "prompt_version": None,
     }
 
 
@@ -711,6 +719,8 @@ def _fold(t: dict[str, Any], sp: dict[str, Any]) -> None:
         ("key_id", "key_id"),
         ("user_id", "user"),
         ("session_id", "session_id"),
+        ("prompt_name", "prompt_name"),
+        ("prompt_version", "prompt_version"),
     ):
         if t[col] is None and sp.get(key) is not None:
             t[col] = sp[key]

@@ -86,6 +86,8 @@ def span_to_row(rec: SpanRecord, store_bodies: bool = True) -> dict[str, Any]:
         "priced": priced,
         "user": rec.user,
         "session_id": rec.session_id,
+        "prompt_name": rec.prompt_name,
+        "prompt_version": rec.prompt_version,
         "tags": rec.tags,
         "input": rec.input if store_bodies else None,
         "output": rec.output if store_bodies else None,

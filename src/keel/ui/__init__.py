@@ -8,6 +8,7 @@ revoked key is logged out at its next click.  A virtual key sees its own project
 from __future__ import annotations
 
 import hashlib
+import importlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,12 @@ from fastapi.staticfiles import StaticFiles
 from keel.store import TraceFilter, utcnow
 from keel.types import Principal
 from keel.ui import views
+from keel.ui.context import UIContext
 
-__all__ = ["COOKIE", "mount_ui"]
+__all__ = ["COOKIE", "PAGE_MODULES", "UIContext", "mount_ui"]
+
+# Page modules beyond the trace explorer: each exposes build(ui: UIContext) -> APIRouter.
+PAGE_MODULES: tuple[str, ...] = ()
 
 COOKIE = "keel_key"
 HERE = Path(__file__).parent
@@ -359,6 +364,9 @@ def mount_ui(api: FastAPI) -> None:
         )
 
     api.include_router(router)
+    ui = UIContext(render=render, principal=_principal, to_login=_to_login, who=_who, state=_state)
+    for name in PAGE_MODULES:
+        api.include_router(importlib.import_module(name).build(ui))
 
 
 def _span_view(s: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,18 @@
+"""OTLP ingest: columns the app-span mapping needs (filled in by the ingest work, if any)
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
