@@ -27,6 +27,7 @@ __all__ = [
     "FallbackConfig",
     "ModelConfig",
     "RetryConfig",
+    "RouteRule",
     "RoutingConfig",
     "Setting",
     "Settings",
@@ -117,6 +118,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream_timeout_s", float, 600.0, "Default total timeout of one upstream call."),
     Setting("upstream_connect_timeout_s", float, 10.0, "Default connect timeout of one upstream call."),
     Setting("retention_days", float, 0.0, "Delete traces older than this many days (0 keeps them forever)."),
+    Setting(
+        "retention_interval_s",
+        float,
+        3600.0,
+        "Interval of the background retention sweep (global and per-project retention).",
+    ),
+    Setting("feedback_rpm", int, 60, "End-user feedback posts allowed per key per rate-limit window (0: unlimited)."),
+    Setting(
+        "feedback_cors_origins",
+        str,
+        "*",
+        "Comma-separated origins allowed to post end-user feedback from a browser (`*`: any).",
+    ),
     Setting(
         "alert_webhook_url", str, None, "URL that receives a JSON POST when a soft budget limit is crossed."
     ),
@@ -211,6 +225,37 @@ class RetryConfig(BaseModel):
     )
 
 
+class RouteRule(BaseModel):
+    """Send a request to another (typically cheaper) model when every condition given matches.
+
+    Rules are tried in order and the first match wins; a rule with no conditions matches every
+    request for its ``models``. The rule that matched is recorded on the trace.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=100)
+    route_to: str = Field(min_length=1, description="Model name the matching requests are served by.")
+    models: list[str] = Field(
+        default_factory=list, description="Requested model names the rule applies to (empty: all)."
+    )
+    max_prompt_tokens: int | None = Field(default=None, ge=0, description="Prompt estimate at most this.")
+    min_prompt_tokens: int | None = Field(default=None, ge=0, description="Prompt estimate at least this.")
+    tags_any: list[str] = Field(default_factory=list, description="Any of these request tags (x-keel-tags).")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description='Request header -> value (case-insensitive name; "*": any value).'
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="x-keel-metadata key -> value, all of which must match."
+    )
+    no_tools: bool = Field(default=False, description="Only requests that offer no tools.")
+
+    @field_validator("headers")
+    @classmethod
+    def _lower_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        return {k.lower(): val for k, val in v.items()}
+
+
 class RoutingConfig(BaseModel):
     """How requests for a public model name are routed, retried and failed over."""
 
@@ -224,6 +269,9 @@ class RoutingConfig(BaseModel):
     aliases: dict[str, str] = Field(default_factory=dict, description="alias -> public name")
     cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    rules: list[RouteRule] = Field(
+        default_factory=list, description="Cost-aware routing: first matching rule re-targets a request."
+    )
 
     @field_validator("strategy")
     @classmethod
@@ -277,6 +325,7 @@ class Settings:
     config: str | None = None
     database_url: str = "sqlite:///.keel/keel.db"
     redis_url: str | None = None
+    redis_prefix: str = "keel:"
     master_key: str | None = None
     data_dir: str = ".keel"
     host: str = "127.0.0.1"
@@ -293,6 +342,9 @@ class Settings:
     upstream_timeout_s: float = 600.0
     upstream_connect_timeout_s: float = 10.0
     retention_days: float = 0.0
+    retention_interval_s: float = 3600.0
+    feedback_rpm: int = 60
+    feedback_cors_origins: str = "*"
     alert_webhook_url: str | None = None
     rate_limit_window_s: float = 60.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
@@ -431,6 +483,12 @@ def load_settings(
     for name in routing.strategies:
         if name not in names:
             raise ConfigError(f"routing.strategies.{name}", "unknown model")
+    for i, rule in enumerate(routing.rules):
+        if rule.route_to not in names:
+            raise ConfigError(f"routing.rules[{i}].route_to", f"unknown model {rule.route_to!r}")
+        for requested in rule.models:
+            if requested not in names and requested not in routing.aliases:
+                raise ConfigError(f"routing.rules[{i}].models", f"unknown model {requested!r}")
     fallbacks = {name: tuple(targets) for name, targets in routing.fallbacks.items()}
 
     for s in SETTINGS:

@@ -73,6 +73,7 @@ class KeyCache:
             limits=row.limits,
             team_limits=row.team_limits,
             project_limits=row.project_limits,
+            kind=row.kind,
         )
 
     def load(self) -> None:

@@ -16,12 +16,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from keel.config import RetryConfig, Settings
+from keel.config import RetryConfig, RouteRule, Settings
 from keel.errors import (
     BadRequest,
     Forbidden,
     KeelError,
     NotFound,
+    RateLimited,
     Unauthorized,
     UpstreamError,
     UpstreamTimeout,
@@ -46,9 +47,11 @@ from keel.gateway.limits import (
     MemoryRateLimiter,
     RateLimiter,
 )
-from keel.gateway.routing import Deployment, ModelTable, Router
+from keel.gateway.prompting import apply_prompt
+from keel.gateway.routing import Deployment, ModelTable, Router, RuleInput, match_rule
 from keel.gateway.stats import GatewayStats
 from keel.pricing import price
+from keel.prompts import PromptCache
 from keel.providers.openai import usage_from_openai
 from keel.tracing import TraceWriter, new_span_id, new_trace_id, parse_traceparent
 from keel.types import ChatResult, Principal, SpanRecord, Usage
@@ -78,6 +81,7 @@ class _Req:
         "metadata",
         "parent",
         "principal",
+        "prompt",
         "run_id",
         "session",
         "span_id",
@@ -130,6 +134,7 @@ class _Req:
         self.session = session
         self.principal: Principal | None = None
         self.body: dict[str, Any] | None = None
+        self.prompt: tuple[str, int, str] | None = None  # registry prompt rendered: (name, version, label)
 
 
 class Gateway:
@@ -157,8 +162,10 @@ class Gateway:
         self.ledger: BudgetLedger = MemoryBudgetLedger()
         self.on_alert: Any = None  # called with (budget, status) when a soft budget limit is crossed
         self._background: set[asyncio.Task[Any]] = set()
+        self.prompts: PromptCache | None = None  # set by the app: requests may name registry prompts
         # estimating prompt tokens costs time: only when a deployment declares a context window
         self._needs_estimate = any(d.config.max_input_tokens for d in models.all())
+        self._budget_read: dict[tuple[str, str], float] = {}
 
     # -- shared steps -----------------------------------------------------------------------------
 
@@ -192,6 +199,8 @@ class Gateway:
             requested_model=body.get("model") if isinstance(body.get("model"), str) else None,
             user=user if isinstance(user, str) else (p.end_user if p else None),
             session_id=req.session,
+            prompt_name=req.prompt[0] if req.prompt else None,
+            prompt_version=req.prompt[1] if req.prompt else None,
             tags=req.tags,
             metadata=meta,
             input=req.body,
@@ -234,10 +243,15 @@ class Gateway:
         p = self.keys.lookup(key)
         if p is None:
             raise Unauthorized("invalid API key", code="invalid_api_key")
+        if p.is_public:
+            raise Forbidden("a public key (pk-keel-) may only post end-user feedback", code="public_key")
         return p
 
-    def parse_chat(self, raw: bytes) -> dict[str, Any]:
+    def parse_chat(self, raw: bytes, req: _Req | None = None) -> dict[str, Any]:
         body = _parse_object(raw)
+        if self.prompts is not None and req is not None:  # "model": "prompt:NAME" or x-keel-prompt
+            if (named := apply_prompt(self.prompts, body, req.headers, req.principal)) is not None:
+                body, req.prompt = named
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required and must be a string", code="missing_model", param="model")
@@ -278,7 +292,7 @@ class Gateway:
         try:
             req.principal = self.authenticate(req)
             raw = await read_body(scope, receive, self.limit, req.content_length)
-            body = req.body = self.parse_chat(raw)
+            body = req.body = self.parse_chat(raw, req)
         except ClientGone:
             return
         except KeelError as err:
@@ -292,8 +306,11 @@ class Gateway:
         """Route a validated OpenAI-shaped chat request through deployments, retries and fallbacks."""
         assert req.principal is not None
         model = body["model"]
-        target = self.router.resolve(model)
         run = _Run(req)
+        rules = self.router.routing.rules
+        if rules:
+            run.rule = match_rule(rules, self._rule_input(req, body, model))
+        target = run.target = self.router.resolve(run.rule.route_to if run.rule else model)
         try:
             if target is None:
                 raise NotFound(
@@ -357,6 +374,24 @@ class Gateway:
             except OSError:
                 pass
 
+    async def _take_deployment(self, dep: Deployment, body: dict[str, Any], run: _Run) -> bool:
+        """Count one request (and its token estimate) against the deployment's own RPM/TPM."""
+        assert dep.limit is not None
+        est = 0
+        if dep.limit.tpm:
+            est = _prompt_estimate(body) + int(
+                body.get("max_completion_tokens") or body.get("max_tokens") or 0
+            )
+        decision = await self.limiter.check([dep.limit], est)
+        if decision.allowed:
+            run.dep_limits.append((dep, dep.limit, est, decision.at))
+            return True
+        self.stats.limit_rejections[("deployment", decision.kind or "rpm")] += 1
+        run.skipped.append((dep, f"at its {decision.kind} limit"))
+        wait = decision.retry_after_s
+        run.limited_until = wait if run.limited_until is None else min(run.limited_until, wait)
+        return False
+
     async def _attempt_all(
         self, body: dict[str, Any], target: str, run: _Run, *, stream: bool, call: Any = None
     ) -> Any:
@@ -386,6 +421,8 @@ class Gateway:
                 more_after = (
                     di < len(plan.candidates) - 1 or bool(queue) or bool(self.router.fallbacks(target))
                 )
+                if dep.limit is not None and not await self._take_deployment(dep, body, run):
+                    continue  # at its own RPM/TPM: the next deployment or a fallback serves
                 attempt = 0
                 while True:
                     attempt += 1
@@ -461,6 +498,17 @@ class Gateway:
                 queue += [(n, "fallbacks") for n in self.router.fallbacks(target)]
         if last is not None:
             raise last
+        if run.limited_until is not None and all(
+            why.startswith("at its ") for _, why in run.skipped
+        ):  # every deployment is at its own rate limit: the client should retry later, like any 429
+            after = max(1, math.ceil(run.limited_until))
+            raise RateLimited(
+                f"every deployment of '{target}' is at its rate limit: "
+                + "; ".join(f"{d.label} {why}" for d, why in run.skipped)
+                + f". Retry after {after}s.",
+                code="rate_limit_exceeded:deployment",
+                headers={"retry-after": str(after)},
+            )
         waits = [self.health.get(d.key).cooldown_until - time.monotonic() for d, _ in run.skipped]
         retry = max(1, int(min(waits))) if waits else 1
         raise UpstreamUnavailable(
@@ -568,8 +616,13 @@ class Gateway:
             ("project", p.project_id, p.project_limits),
         ]
         user = body.get("user") if isinstance(body.get("user"), str) else p.end_user
-        if user and p.project_limits and p.project_limits.get("user_rpm"):
-            scoped.append(("user", f"{p.project_id}:{user}", {"rpm": p.project_limits["user_rpm"]}))
+        if user and p.project_limits:
+            # per end user: the project's user_* limits apply to each end user separately
+            per_user = {
+                k[5:]: v for k, v in p.project_limits.items() if k.startswith("user_") and v is not None
+            }
+            if per_user:
+                scoped.append(("user", f"{p.project_id}:{user}", per_user))
         limits = [
             Limit(f"{kind}:{ident}", rpm=cfg.get("rpm"), tpm=cfg.get("tpm"))
             for kind, ident, cfg in scoped
@@ -606,10 +659,13 @@ class Gateway:
         max_out = int(body.get("max_completion_tokens") or body.get("max_tokens") or 4096)
         if limits:
             decision = await self.limiter.check(limits, prompt + max_out)
+            if not decision.allowed:
+                scope_type = decision.limit.scope.split(":", 1)[0] if decision.limit else "-"
+                self.stats.limit_rejections[(scope_type, decision.kind or "rpm")] += 1
             decision.raise_if_denied()
             run.limits = (limits, prompt + max_out, decision.at)
         if budgets:
-            target = self.router.resolve(body["model"])
+            target = run.target or self.router.resolve(body["model"])
             deps = self.models.by_name.get(target or "", [])
             worst = max(
                 (
@@ -625,7 +681,15 @@ class Gateway:
                 default=0.0,
             )
             reservation = await self.ledger.reserve(budgets, f"{req.trace_id}:{req.span_id}", worst)
+            run.budgets = budgets
             if not reservation.ok:
+                b = reservation.budget
+                self.stats.limit_rejections[
+                    (
+                        b.scope.split(":", 1)[0] if b else "-",
+                        "calls" if reservation.reason == "max_calls" else "budget",
+                    )
+                ] += 1
                 if run.limits:
                     limits_, est, at = run.limits
                     await self.limiter.settle_tokens(limits_, est, 0, admitted_at=at)
@@ -633,18 +697,36 @@ class Gateway:
                 reservation.raise_if_denied()
             run.reservation = f"{req.trace_id}:{req.span_id}"
 
+    def _rule_input(self, req: _Req, body: dict[str, Any], model: str) -> RuleInput:
+        meta: dict[str, Any] = {}
+        if req.metadata:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                parsed = orjson.loads(req.metadata)
+                meta = parsed if isinstance(parsed, dict) else {}
+        return RuleInput(
+            model=model,
+            tags=req.tags,
+            headers=req.headers,
+            metadata=meta,
+            has_tools=bool(body.get("tools") or body.get("functions")),
+            prompt_tokens=lambda: _prompt_estimate(body),
+        )
+
     def _settle(self, run: _Run, usage: Usage | None) -> None:
         """Correct TPM and settle (or release) the budget reservation, in the background."""
-        limits, reservation = run.limits, run.reservation
+        limits, reservation, dep_limits, budgets = run.limits, run.reservation, run.dep_limits, run.budgets
         run.limits = run.reservation = None
-        if limits is None and reservation is None:
+        run.dep_limits = []
+        if limits is None and reservation is None and not dep_limits:
             return
         dep = run.served
+        actual = ((usage.input_tokens or 0) + (usage.output_tokens or 0)) if usage else 0
 
         async def settle() -> None:
+            for d, lim_, est_, at_ in dep_limits:  # a deployment's TPM: tokens it actually served
+                await self.limiter.settle_tokens([lim_], est_, actual if d is dep else 0, admitted_at=at_)
             if limits is not None:
                 lim, est, at = limits
-                actual = ((usage.input_tokens or 0) + (usage.output_tokens or 0)) if usage else 0
                 await self.limiter.settle_tokens(lim, est, actual, admitted_at=at)
             if reservation is not None:
                 if usage is None or dep is None:
@@ -652,6 +734,7 @@ class Gateway:
                     return
                 cost = price(dep.config.upstream_model, dep.config.provider, usage, dep.price_override) or 0.0
                 result = await self.ledger.settle(reservation, cost)
+                await self._refresh_budget_gauges(budgets)
                 for budget in result.soft_limits_crossed:
                     self.stats.budget_alerts[budget.scope] += 1
                     if self.on_alert is not None:
@@ -660,6 +743,24 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(settle())
         self._background.add(task)
         task.add_done_callback(self._background_done)
+
+    async def _refresh_budget_gauges(self, budgets: list[Budget]) -> None:
+        """Budget spent/remaining for /metrics, read back at most once a second per budget."""
+        now = time.monotonic()
+        for b in budgets:
+            key = (b.scope, b.period)
+            if now - self._budget_read.get(key, -math.inf) < 1.0:
+                continue
+            self._budget_read[key] = now
+            st = await self.ledger.status(b)
+            self.stats.budgets[key] = (
+                b.limit_usd,
+                float(st.get("spent") or 0.0),
+                float(st.get("reserved") or 0.0),
+            )
+            if len(self._budget_read) > 10_000:  # end users and runs come and go
+                self._budget_read.clear()
+                self.stats.budgets.clear()
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
@@ -877,14 +978,19 @@ class _Run:
 
     __slots__ = (
         "attempts",
+        "budgets",
         "cache_bypass",
         "cache_scope",
+        "dep_limits",
+        "limited_until",
         "limits",
         "req",
         "reservation",
+        "rule",
         "served",
         "served_name",
         "skipped",
+        "target",
         "upstream_s",
     )
 
@@ -899,6 +1005,11 @@ class _Run:
         self.limits: tuple[list[Limit], int, float | None] | None = None  # counted limits, tokens, when
         self.reservation: str | None = None  # budget reservation id to settle or release
         self.cache_bypass: str | None = None
+        self.budgets: list[Budget] = []
+        self.rule: RouteRule | None = None  # the cost-aware routing rule that re-targeted the request
+        self.target: str | None = None
+        self.dep_limits: list[tuple[Deployment, Limit, int, float | None]] = []  # deployment RPM/TPM taken
+        self.limited_until: float | None = None  # soonest a rate-limited deployment frees up (seconds)
 
     def attempt(self, dep: Deployment, n: int, name: str, t0: float, err: KeelError | None) -> None:
         self.attempts.append((dep, n, name, t0, time.perf_counter(), err))
@@ -913,6 +1024,9 @@ class _Run:
             rec.price_override = dep.price_override
         if len(self.attempts) > 1:
             rec.attributes["keel.attempts"] = len(self.attempts)
+        if self.rule is not None:
+            rec.attributes["keel.route.rule"] = self.rule.name
+            rec.attributes["keel.route.to"] = self.rule.route_to
         if self.served_name and rec.requested_model and self.served_name != rec.requested_model:
             rec.attributes["keel.served_by"] = self.served_name
         if self.cache_scope is not None:

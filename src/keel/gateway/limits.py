@@ -67,6 +67,7 @@ __all__ = [
     "RedisRateLimiter",
     "Reservation",
     "SettleResult",
+    "check_limits",
     "period_bounds",
 ]
 
@@ -1165,3 +1166,47 @@ class RedisBudgetLedger(_LedgerBase, _RedisOwner):
         keys = [f"{self.prefix}b:{place}", f"{self.prefix}z:{place}"]
         spent, reserved, calls = await self._status_script(self.redis, keys, [round(now * 1000)])
         return self._status(budget, start, end, int(spent or 0), int(reserved or 0), int(calls or 0))
+
+
+# --------------------------------------------------------------------------- the limits JSON
+
+_COMMON_LIMITS: dict[str, str] = {
+    "rpm": "count",
+    "tpm": "count",
+    "budget_usd": "usd",
+    "soft_budget_usd": "usd",
+    "budget_period": "period",
+}
+# on a project only: defaults for each end user, caps for agent runs
+_PROJECT_LIMITS: dict[str, str] = {
+    **{f"user_{k}": v for k, v in _COMMON_LIMITS.items()},
+    "run_max_calls": "count",
+    "run_budget_usd": "usd",
+    "retention_days": "days",
+}
+
+
+def check_limits(limits: dict[str, Any] | None, level: str) -> dict[str, Any] | None:
+    """Validate the ``limits`` JSON of a key, team or project; raise ValueError naming the bad entry."""
+    if limits is None:
+        return None
+    allowed = {**_COMMON_LIMITS, **(_PROJECT_LIMITS if level == "project" else {})}
+    for name, value in limits.items():
+        kind = allowed.get(name)
+        if kind is None:
+            raise ValueError(f"unknown limit {name!r} on a {level} (known: {', '.join(sorted(allowed))})")
+        if value is None:
+            continue
+        if kind == "count":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer")
+        elif kind in ("usd", "days"):
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number")
+        elif value not in PERIODS:
+            raise ValueError(f"{name} must be one of {', '.join(PERIODS)}")
+    for prefix in ("", "user_"):
+        soft, hard = limits.get(f"{prefix}soft_budget_usd"), limits.get(f"{prefix}budget_usd")
+        if soft is not None and hard is None:
+            raise ValueError(f"{prefix}soft_budget_usd needs {prefix}budget_usd")
+    return limits

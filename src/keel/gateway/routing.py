@@ -19,13 +19,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from keel.config import ModelConfig, RoutingConfig, Settings
+from keel.config import ModelConfig, RouteRule, RoutingConfig, Settings
 from keel.errors import ConfigError
 from keel.gateway.health import HealthBoard
+from keel.gateway.limits import Limit
 from keel.pricing import rates
 from keel.types import Provider
 
-__all__ = ["Deployment", "ModelTable", "Plan", "Router"]
+__all__ = ["Deployment", "ModelTable", "Plan", "Router", "RuleInput", "match_rule"]
 
 
 @dataclass(eq=False)
@@ -38,6 +39,10 @@ class Deployment:
         c = self.config
         self.key = self.key or f"{c.name}:{c.provider}:{c.upstream_model}" + (
             f"@{c.api_base}" if c.api_base else ""
+        )
+        # the deployment's own RPM/TPM (its upstream account's quota), shared by every key
+        self.limit: Limit | None = (
+            Limit(f"deployment:{self.key}", rpm=c.rpm, tpm=c.tpm) if (c.rpm or c.tpm) else None
         )
 
     @property
@@ -166,3 +171,50 @@ class Router:
 
     def fallbacks(self, name: str, kind: str = "fallbacks") -> list[str]:
         return list(getattr(self.routing, kind).get(name, ()))
+
+
+@dataclass
+class RuleInput:
+    """What routing rules look at, computed lazily (the prompt estimate costs a tokenisation)."""
+
+    model: str
+    tags: list[str]
+    headers: list[tuple[bytes, bytes]]
+    metadata: dict[str, Any]
+    has_tools: bool
+    prompt_tokens: Any  # () -> int
+
+    def header(self, name: str) -> str | None:
+        key = name.encode("latin-1")
+        for k, v in self.headers:
+            if k == key:
+                return v.decode("utf-8", "replace")
+        return None
+
+
+def match_rule(rules: Iterable[RouteRule], inp: RuleInput) -> RouteRule | None:
+    """The first rule whose conditions all hold for the request, or None."""
+    tokens: int | None = None
+    for rule in rules:
+        if rule.models and inp.model not in rule.models:
+            continue
+        if rule.no_tools and inp.has_tools:
+            continue
+        if rule.tags_any and not set(rule.tags_any) & set(inp.tags):
+            continue
+        if any(
+            (got := inp.header(name)) is None or (want != "*" and got != want)
+            for name, want in rule.headers.items()
+        ):
+            continue
+        if any(str(inp.metadata.get(k)) != v for k, v in rule.metadata.items()):
+            continue
+        if rule.max_prompt_tokens is not None or rule.min_prompt_tokens is not None:
+            if tokens is None:
+                tokens = int(inp.prompt_tokens())
+            if rule.max_prompt_tokens is not None and tokens > rule.max_prompt_tokens:
+                continue
+            if rule.min_prompt_tokens is not None and tokens < rule.min_prompt_tokens:
+                continue
+        return rule
+    return None

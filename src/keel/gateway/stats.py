@@ -6,6 +6,7 @@ families only when scraped.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
@@ -75,6 +76,9 @@ class GatewayStats:
         self.cost: defaultdict[tuple[str, str], float] = defaultdict(float)
         self.cache_hits: defaultdict[str, int] = defaultdict(int)
         self.budget_alerts: defaultdict[str, int] = defaultdict(int)
+        self.limit_rejections: defaultdict[tuple[str, str], int] = defaultdict(int)  # (scope type, limit)
+        # (scope, period) -> (limit, spent, reserved) USD, refreshed after settlements (at most 1/s each)
+        self.budgets: dict[tuple[str, str], tuple[float, float, float]] = {}
         self.health: Any = None  # a HealthBoard, for the cooldown-state gauge
         self.gauges: dict[str, Any] = {}
         self.counters: dict[str, Any] = {}
@@ -118,6 +122,33 @@ class GatewayStats:
         for scope, n in list(self.budget_alerts.items()):
             ba.add_metric([scope], n)
         yield ba
+        lr = CounterMetricFamily(
+            "keel_limit_rejections",
+            "Requests refused by a rate limit or budget, by scope type and limit",
+            labels=["scope", "limit"],
+        )
+        for (scope, limit), n in list(self.limit_rejections.items()):
+            lr.add_metric([scope, limit], n)
+        yield lr
+        if self.budgets:
+            bl = GaugeMetricFamily("keel_budget_limit_usd", "Hard budget", labels=["scope", "period"])
+            bs = GaugeMetricFamily(
+                "keel_budget_spent_usd", "Spent in the current period", labels=["scope", "period"]
+            )
+            br = GaugeMetricFamily(
+                "keel_budget_remaining_usd",
+                "Budget left in the current period (limit - spent - reserved)",
+                labels=["scope", "period"],
+            )
+            for (scope, period), (hard, spent, reserved) in list(self.budgets.items()):
+                labels = [scope, period]
+                if math.isfinite(hard):
+                    bl.add_metric(labels, hard)
+                    br.add_metric(labels, max(0.0, hard - spent - reserved))
+                bs.add_metric(labels, spent)
+            yield bl
+            yield bs
+            yield br
         ch = CounterMetricFamily("keel_cache_hits", "Requests answered from the cache", labels=["kind"])
         for kind, n in list(self.cache_hits.items()):
             ch.add_metric([kind], n)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from keel.gateway.auth import bearer_token
+from keel.gateway.limits import check_limits
 from keel.store import TraceFilter
+from keel.store.scores import trace_scores
 from keel.types import Principal
 
 __all__ = ["build_api_router", "principal_from_request"]
@@ -32,12 +34,26 @@ class KeyCreate(BaseModel):
         default=None, description="End user the key's requests are attributed to by default."
     )
     limits: dict[str, Any] | None = Field(default=None, description="Rate limits and budgets of this key.")
+    kind: Literal["secret", "public"] = Field(
+        default="secret",
+        description="`public`: a pk-keel- key that may only post end-user feedback (safe in a browser).",
+    )
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_limits(v, "key")
 
 
 class TeamCreate(BaseModel):
     project: str = Field(default="default", description="Project name or id (created when missing).")
     name: str = Field(min_length=1, max_length=200)
     limits: dict[str, Any] | None = None
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_limits(v, "team")
 
 
 class TeamOut(BaseModel):
@@ -81,6 +97,7 @@ class KeyOut(BaseModel):
     created_at: str | None
     revoked_at: str | None
     status: str
+    kind: str = "secret"
 
 
 class KeyCreated(KeyOut):
@@ -91,8 +108,14 @@ class ProjectCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     limits: dict[str, Any] | None = Field(
         default=None,
-        description="Project budget/rate limits; user_rpm; run_budget_usd and run_max_calls for agent runs.",
+        description="Project budget/rate limits; user_* limits per end user; run_budget_usd and run_max_calls "
+        "for agent runs.",
     )
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_limits(v, "project")
 
 
 class ProjectOut(BaseModel):
@@ -154,8 +177,23 @@ class TraceOut(BaseModel):
     prompt_version: int | None = None
 
 
+class ScoreOut(BaseModel):
+    id: str
+    project_id: str | None
+    trace_id: str
+    span_id: str | None
+    name: str
+    data_type: str = Field(description="numeric | boolean | categorical")
+    value: bool | float | str | None = Field(description="A number, a boolean or a category label.")
+    source: str = Field(description="human | api | eval")
+    comment: str | None
+    author: str | None
+    created_at: str | None
+
+
 class TraceDetail(TraceOut):
     spans: list[SpanOut]
+    scores: list[ScoreOut] = Field(default_factory=list)
 
 
 class TracePage(BaseModel):
@@ -179,6 +217,15 @@ def principal_from_request(request: Request) -> Principal:
         raise HTTPException(
             401,
             detail={"message": "invalid API key", "type": "authentication_error", "code": "invalid_api_key"},
+        )
+    if p.is_public:
+        raise HTTPException(
+            403,
+            detail={
+                "message": "a public key (pk-keel-) may only post end-user feedback",
+                "type": "permission_error",
+                "code": "public_key",
+            },
         )
     return p
 
@@ -263,6 +310,15 @@ def build_api_router() -> APIRouter:
     async def create_key(request: Request, body: KeyCreate, p: Caller) -> dict[str, Any]:
         _require_admin(p)
         keel = request.app.state.keel
+        if body.kind == "public" and (body.models or body.team or body.user or body.limits):
+            raise HTTPException(
+                400,
+                detail={
+                    "message": "a public key takes only project, name and metadata",
+                    "type": "invalid_request_error",
+                    "code": "invalid_request",
+                },
+            )
         secret, row = await run_in_threadpool(
             keel.store.create_key,
             body.project,
@@ -272,6 +328,7 @@ def build_api_router() -> APIRouter:
             body.team,
             body.user,
             body.limits,
+            body.kind,
         )
         await keel.keys.changed()
         return {**row.public(), "key": secret}
@@ -416,6 +473,7 @@ def build_api_router() -> APIRouter:
                 },
             )
         out: dict[str, Any] = t
+        out["scores"] = trace_scores(store, t["trace_id"])
         return out
 
     return r
