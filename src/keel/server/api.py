@@ -391,7 +391,7 @@ def build_api_router() -> APIRouter:
     def usage(
         request: Request,
         p: Caller,
-        group_by: Annotated[str, Query(pattern="^(project|team|key|user|model|provider|tag)$")] = "model",
+        group_by: Annotated[str, Query(pattern="^(project|team|key|user|model|provider|tag|day|hour)$")] = "model",
         start: Annotated[str | None, Query(description="ISO 8601; calls starting at or after")] = None,
         end: Annotated[str | None, Query(description="ISO 8601; calls starting before")] = None,
         project: str | None = Query(default=None, description="Project id or name (master key only)"),

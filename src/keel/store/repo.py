@@ -525,8 +525,11 @@ class Store:
         """Spend, tokens and requests of LLM and embedding calls, grouped; the busiest groups first.
 
         ``group_by``: project, team, key, user, model (the public name), provider or tag. Attempt
-        spans are not counted: the request's own span carries its final tokens and cost.
+        spans are not counted: the request's own span carries its final tokens and cost. day / hour
+        (UTC, ``YYYY-MM-DD`` / ``YYYY-MM-DDTHH``, oldest first) give a time series.
         """
+        if group_by in ("day", "hour"):
+            return self._usage_series(group_by, project_id=project_id, start=start, end=end)
         cols = {
             "project": Span.project_id,
             "team": Span.team_id,
@@ -560,6 +563,50 @@ class Store:
             .where(Span.kind.in_(("llm", "embedding")))
             .group_by(group_col)
             .order_by(func.coalesce(func.sum(Span.cost_usd), 0.0).desc(), func.count().desc())
+        )
+        if project_id is not None:
+            stmt = stmt.where(Span.project_id == project_id)
+        if start is not None:
+            stmt = stmt.where(Span.start_time >= start)
+        if end is not None:
+            stmt = stmt.where(Span.start_time < end)
+        with self.engine.connect() as conn:
+            return [
+                {
+                    "group": r.group,
+                    "requests": int(r.requests),
+                    "errors": int(r.errors or 0),
+                    "input_tokens": int(r.input_tokens or 0),
+                    "output_tokens": int(r.output_tokens or 0),
+                    "cost_usd": float(r.cost_usd or 0.0),
+                    "unpriced": int(r.unpriced or 0),
+                }
+                for r in conn.execute(stmt)
+            ]
+
+    def _usage_series(
+        self, bucket: str, *, project_id: str | None, start: datetime | None, end: datetime | None
+    ) -> list[dict[str, Any]]:
+        if self.dialect == "postgresql":
+            fmt = "YYYY-MM-DD" if bucket == "day" else 'YYYY-MM-DD"T"HH24'
+            col: Any = func.to_char(Span.start_time, fmt)
+        else:
+            col = func.strftime("%Y-%m-%d" if bucket == "day" else "%Y-%m-%dT%H", Span.start_time)
+        stmt = (
+            select(
+                col.label("group"),
+                func.count().label("requests"),
+                func.sum(case((Span.status == "error", 1), else_=0)).label("errors"),
+                func.coalesce(func.sum(Span.input_tokens), 0).label("input_tokens"),
+                func.coalesce(func.sum(Span.output_tokens), 0).label("output_tokens"),
+                func.coalesce(func.sum(Span.cost_usd), 0.0).label("cost_usd"),
+                func.sum(case((and_(Span.priced.is_(False), Span.status == "ok"), 1), else_=0)).label(
+                    "unpriced"
+                ),
+            )
+            .where(Span.kind.in_(("llm", "embedding")))
+            .group_by(col)
+            .order_by(col)
         )
         if project_id is not None:
             stmt = stmt.where(Span.project_id == project_id)

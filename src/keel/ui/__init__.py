@@ -27,7 +27,7 @@ from keel.ui.context import UIContext
 __all__ = ["COOKIE", "PAGE_MODULES", "UIContext", "mount_ui"]
 
 # Page modules beyond the trace explorer: each exposes build(ui: UIContext) -> APIRouter.
-PAGE_MODULES: tuple[str, ...] = ()
+PAGE_MODULES: tuple[str, ...] = ("keel.ui.cost",)
 
 COOKIE = "keel_key"
 HERE = Path(__file__).parent
