@@ -280,3 +280,24 @@ def test_rules_must_name_configured_models(tmp_path: Any) -> None:
 
 def test_http_metrics_route_requires_auth(k: Keel) -> None:
     assert httpx.get(k.url + "/metrics").status_code == 401
+
+
+def test_team_model_allow_list_applies_to_its_keys(k: Keel) -> None:
+    project = "tm-" + uuid.uuid4().hex[:6]
+    r = k.http.post(
+        "/api/teams", json={"project": project, "name": "budget-team", "models": ["cheap", "small"]}
+    )
+    assert r.status_code == 201 and r.json()["limits"]["models"] == ["cheap", "small"]
+    key = k.http.post("/api/keys", json={"project": project, "team": "budget-team"}).json()["key"]
+    narrow = k.http.post(
+        "/api/keys", json={"project": project, "team": "budget-team", "models": ["small"]}
+    ).json()
+    assert chat(k, "cheap", "hi", key=key).status_code == 200
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        chat(k, "gpt-4o", "hi", key=key)
+    assert err.value.response.json()["error"]["code"] == "model_not_allowed"
+    with pytest.raises(openai.PermissionDeniedError):
+        chat(k, "cheap", "hi", key=narrow["key"])  # the key's own list narrows the team's
+    assert chat(k, "small", "hi", key=narrow["key"]).status_code == 200
+    bad = k.http.post("/api/teams", json={"project": project, "name": "x", "limits": {"models": "cheap"}})
+    assert bad.status_code == 400 and "models must be a list of model names" in bad.text

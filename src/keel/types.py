@@ -37,7 +37,10 @@ class Principal:
     project_limits: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def may_use(self, model: str) -> bool:
-        return self.allowed_models is None or model in self.allowed_models
+        if self.allowed_models is not None and model not in self.allowed_models:
+            return False
+        team_models = self.team_limits.get("models") if self.team_limits else None
+        return team_models is None or model in team_models
 
 
 @dataclass(slots=True)

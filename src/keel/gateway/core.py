@@ -310,15 +310,16 @@ class Gateway:
         rules = self.router.routing.rules
         if rules:
             run.rule = match_rule(rules, self._rule_input(req, body, model))
-        target = run.target = self.router.resolve(run.rule.route_to if run.rule else model)
+        asked = self.router.resolve(model)  # the name asked for, after aliases: what permissions apply to
+        target = run.target = self.router.resolve(run.rule.route_to) if run.rule else asked
         try:
-            if target is None:
+            if asked is None or target is None:
                 raise NotFound(
                     f"model '{model}' does not exist or is not served here",
                     code="model_not_found",
                     param="model",
                 )
-            if not (req.principal.may_use(model) or req.principal.may_use(target)):
+            if not (req.principal.may_use(model) or (asked is not None and req.principal.may_use(asked))):
                 raise Forbidden(f"this key is not allowed to use model '{model}'", code="model_not_allowed")
             await self._admit(req, body, run)
             if self.cache is not None and self._caches(target):

@@ -1177,6 +1177,8 @@ _COMMON_LIMITS: dict[str, str] = {
     "soft_budget_usd": "usd",
     "budget_period": "period",
 }
+# on a team only: the models its keys may use
+_TEAM_LIMITS: dict[str, str] = {"models": "names"}
 # on a project only: defaults for each end user, caps for agent runs
 _PROJECT_LIMITS: dict[str, str] = {
     **{f"user_{k}": v for k, v in _COMMON_LIMITS.items()},
@@ -1190,7 +1192,11 @@ def check_limits(limits: dict[str, Any] | None, level: str) -> dict[str, Any] | 
     """Validate the ``limits`` JSON of a key, team or project; raise ValueError naming the bad entry."""
     if limits is None:
         return None
-    allowed = {**_COMMON_LIMITS, **(_PROJECT_LIMITS if level == "project" else {})}
+    allowed = {
+        **_COMMON_LIMITS,
+        **(_PROJECT_LIMITS if level == "project" else {}),
+        **(_TEAM_LIMITS if level == "team" else {}),
+    }
     for name, value in limits.items():
         kind = allowed.get(name)
         if kind is None:
@@ -1200,6 +1206,9 @@ def check_limits(limits: dict[str, Any] | None, level: str) -> dict[str, Any] | 
         if kind == "count":
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer")
+        elif kind == "names":
+            if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+                raise ValueError(f"{name} must be a list of model names")
         elif kind in ("usd", "days"):
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number")

@@ -48,7 +48,13 @@ class KeyCreate(BaseModel):
 class TeamCreate(BaseModel):
     project: str = Field(default="default", description="Project name or id (created when missing).")
     name: str = Field(min_length=1, max_length=200)
-    limits: dict[str, Any] | None = None
+    limits: dict[str, Any] | None = Field(
+        default=None,
+        description="Rate limits and budgets shared by the team's keys; `models`: its allow-list.",
+    )
+    models: list[str] | None = Field(
+        default=None, description="Models the team's keys may use (each key's own list narrows it further)."
+    )
 
     @field_validator("limits")
     @classmethod
@@ -383,7 +389,10 @@ def build_api_router() -> APIRouter:
         store = keel.store
         proj = await run_in_threadpool(store.get_project, body.project)
         pid = proj["id"] if proj else await run_in_threadpool(store.ensure_project, body.project)
-        team: dict[str, Any] = await run_in_threadpool(store.ensure_team, pid, body.name, body.limits)
+        limits = body.limits
+        if body.models is not None:
+            limits = {**(limits or {}), "models": body.models}
+        team: dict[str, Any] = await run_in_threadpool(store.ensure_team, pid, body.name, limits)
         await keel.keys.changed()  # keys of the team pick up its limits
         return team
 
