@@ -1,0 +1,169 @@
+"""The gateway's in-memory view of the registry: no database round trip when a request names a prompt.
+
+Loaded at start, reloaded when prompts change (at once in the process that made the change; in the
+other replicas through Redis pub/sub on ``<redis_prefix>prompts:changed``) and periodically as a
+safety net.  Templates are compiled once per version and reused across reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from keel.errors import NotFound
+from keel.prompts.model import LabelState
+from keel.prompts.registry import label_from_dict, version_from_dict
+from keel.prompts.render import CompiledPrompt
+from keel.prompts.selection import choose_version
+from keel.store.prompts import PromptStore
+
+__all__ = ["PromptCache", "prompts_channel"]
+
+log = logging.getLogger("keel.prompts")
+
+
+def prompts_channel(prefix: str = "keel:") -> str:
+    """The pub/sub channel that tells replicas to reload prompts."""
+    return f"{prefix}prompts:changed"
+
+
+@dataclass
+class _Entry:
+    name: str
+    type: str
+    latest: int
+    versions: dict[int, CompiledPrompt] = field(default_factory=dict)
+    labels: dict[str, LabelState] = field(default_factory=dict)
+
+
+class PromptCache:
+    """Answers "which compiled version does this request get?" from memory."""
+
+    def __init__(
+        self,
+        store: PromptStore,
+        redis_url: str | None = None,
+        refresh_s: float = 5.0,
+        redis_prefix: str = "keel:",
+    ) -> None:
+        self.store = store
+        self.redis_url = redis_url
+        self.channel = prompts_channel(redis_prefix)
+        self.refresh_s = refresh_s
+        self._by_name: dict[str, _Entry] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._redis: Any = None
+        self.reloads = 0
+
+    def load(self) -> None:
+        """(Re)load every prompt; unchanged versions keep their compiled templates."""
+        old = self._by_name
+        fresh: dict[str, _Entry] = {}
+        for p in self.store.load_all():
+            entry = _Entry(p["name"], p["type"], int(p["latest_version"]))
+            prev = old.get(p["name"])
+            for row in p["versions"]:
+                n = int(row["version"])
+                kept = prev.versions.get(n) if prev is not None else None
+                if kept is not None and kept.version.content_hash == row["content_hash"]:
+                    entry.versions[n] = kept
+                else:
+                    try:
+                        entry.versions[n] = CompiledPrompt(version_from_dict(row))
+                    except Exception:  # validated on push; a hand-edited row must not stop the gateway
+                        log.exception("prompt %s version %s does not compile; skipped", p["name"], n)
+            entry.labels = {lb["label"]: label_from_dict(lb) for lb in p["labels"]}
+            fresh[entry.name] = entry
+        self._by_name = fresh
+        self.reloads += 1
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def resolve(
+        self, name: str, label: str | None = None, version: int | None = None, user: str | None = None
+    ) -> CompiledPrompt:
+        """The compiled version a caller gets: by number, or through a label (sticky canary per user)."""
+        entry = self._by_name.get(name)
+        if entry is None:
+            raise NotFound(f"prompt '{name}' not found", code="prompt_not_found", param="model")
+        if version is None:
+            if label is None or label == "latest":
+                version = entry.latest
+            else:
+                state = entry.labels.get(label)
+                if state is None:
+                    raise NotFound(
+                        f"prompt '{name}' has no label '{label}'",
+                        code="prompt_label_not_found",
+                        param="prompt_label",
+                    )
+                version = choose_version(name, state, user)
+        compiled = entry.versions.get(version)
+        if compiled is None:
+            raise NotFound(
+                f"prompt '{name}' has no version {version}",
+                code="prompt_version_not_found",
+                param="prompt_version",
+            )
+        return compiled
+
+    async def reload(self) -> None:
+        await asyncio.to_thread(self.load)
+
+    async def changed(self) -> None:
+        """Call after a write: reload here and tell the other replicas."""
+        await self.reload()
+        if self._redis is not None:
+            try:
+                await self._redis.publish(self.channel, b"1")
+            except Exception:
+                log.warning(
+                    "could not publish a prompt change; other replicas refresh within %ss", self.refresh_s
+                )
+
+    async def start(self) -> None:
+        await self.reload()
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._periodic(), name="keel-prompt-refresh"))
+        if self.redis_url:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(self.redis_url)
+            self._tasks.append(loop.create_task(self._listen(), name="keel-prompt-pubsub"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("prompt cache refresh failed")
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self._redis.pubsub()
+                await pubsub.subscribe(self.channel)
+                async for msg in pubsub.listen():
+                    if msg.get("type") == "message":
+                        await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("redis pub/sub connection lost; retrying")
+                await asyncio.sleep(1.0)
