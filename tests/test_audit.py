@@ -149,3 +149,33 @@ def test_cli_key_commands_are_audited(tmp_path: Path) -> None:
         assert audit.verify(store).ok
     finally:
         store.close()
+
+
+def test_prompt_changes_join_the_chain(keel: Keel) -> None:
+    name = "aud-prompt-" + uuid.uuid4().hex[:6]
+    r = keel.http.post("/api/prompts", json={"name": name, "type": "text", "template": "Hello {{ who }}"})
+    assert r.status_code == 201, r.text
+    r = keel.http.put(f"/api/prompts/{name}/labels/production", json={"version": 1})
+    assert r.status_code in (200, 201), r.text
+    rows = keel.http.get("/api/audit", params={"limit": 20}).json()["data"]
+    mine = [(x["action"], x["details"].get("label")) for x in rows if x["target"] == name]
+    assert ("prompt.label", "production") in mine and any(a == "prompt.create" for a, _ in mine)
+    assert keel.http.get("/api/audit/verify").json()["ok"] is True
+
+
+def test_configuration_changes_are_recorded_once(fresh_store: tuple[Store, str]) -> None:
+    from keel.config import ModelConfig, Settings
+    from keel.server.app import config_sections
+
+    store, _ = fresh_store
+    a = Settings(models=(ModelConfig(name="m", provider="openai", api_key="sk-proj-aaaaaaaaaaaaaaaaaaaa"),))
+    first = audit.record_config(store, config_sections(a))
+    assert first is not None and first["details"]["first"] is True
+    assert audit.record_config(store, config_sections(a)) is None  # a restart with the same config: nothing
+    rotated = Settings(
+        models=(ModelConfig(name="m", provider="openai", api_key="sk-proj-bbbbbbbbbbbbbbbbbbbb"),)
+    )
+    changed = audit.record_config(store, config_sections(rotated))
+    assert changed is not None and changed["details"]["changed"] == ["models"]
+    assert "sk-proj-" not in str(changed)  # a key rotation shows as a new fingerprint, never the key
+    assert audit.verify(store).ok

@@ -8,6 +8,8 @@ depending on the route.  Messages never carry stack traces or secrets.
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import orjson
@@ -20,13 +22,59 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
+    "SecretScrubFilter",
     "Unauthorized",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "anthropic_error_body",
     "openai_error_body",
+    "scrub_secrets",
 ]
+
+# Credential formats that must never reach an error message or a log line (an upstream may echo
+# the key it was sent; an exception may carry a URL with a token). Kept to well-known shapes: the
+# guardrails' secret detector covers request bodies with more (entropy, context) than this needs.
+_SECRET_RE = re.compile(
+    r"(?P<keep>sk-ant-|sk-keel-|pk-keel-|sk-proj-|sk-|ghp_|gho_|github_pat_|xox[abprs]-|AIza|AKIA|hf_|glpat-)"
+    r"[A-Za-z0-9_\-]{12,}"
+    r"|(?P<bearer>[Bb]earer\s+)[A-Za-z0-9._~+/=\-]{12,}"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
+)
+
+
+def scrub_secrets(text: str) -> str:
+    """``text`` with credential-shaped substrings replaced (their prefix kept, for diagnosis)."""
+    if not text:
+        return text
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group("keep"):
+            return m.group("keep") + "[redacted]"
+        if m.group("bearer"):
+            return m.group("bearer") + "[redacted]"
+        return "[redacted private key]"
+
+    return _SECRET_RE.sub(repl, text)
+
+
+class SecretScrubFilter(logging.Filter):
+    """A logging filter that scrubs credentials from every record's message (installed by ``keel serve``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return True
+        clean = scrub_secrets(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = logging.Formatter().formatException(record.exc_info)
+            if scrub_secrets(text) != text:  # keep the traceback, minus the secret
+                record.exc_text = scrub_secrets(text)
+        return True
+
 
 # Anthropic names its error types differently from OpenAI; map by status.
 _ANTHROPIC_TYPES = {
@@ -68,6 +116,7 @@ class KeelError(Exception):
         headers: dict[str, str] | None = None,
         param: str | None = None,
     ) -> None:
+        message = scrub_secrets(message)
         super().__init__(message)
         self.message = message
         if code is not None:

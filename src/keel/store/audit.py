@@ -17,12 +17,23 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from keel.store.models_audit import AuditHead, AuditRecord
 from keel.store.repo import Store, iso, utcnow
 
-__all__ = ["GENESIS", "Verification", "actor_of", "digest", "list_records", "record", "verify"]
+__all__ = [
+    "GENESIS",
+    "Verification",
+    "actor_of",
+    "append",
+    "digest",
+    "list_records",
+    "record",
+    "record_config",
+    "section_hash",
+    "verify",
+]
 
 GENESIS = "0" * 64
 
@@ -64,27 +75,40 @@ def record(
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Append one record to the chain (its own transaction) and return it."""
+    with store.engine.begin() as conn:
+        return append(conn, actor=actor, action=action, target=target, project_id=project_id, details=details)
+
+
+def append(
+    conn: Connection,
+    *,
+    actor: str,
+    action: str,
+    target: str | None = None,
+    project_id: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Append one record inside the caller's transaction (so it commits or rolls back with the change)."""
     details = orjson.loads(orjson.dumps(details, option=orjson.OPT_NON_STR_KEYS)) if details else None
     at = utcnow()
-    with store.engine.begin() as conn:
-        # the UPDATE takes the write lock first (SQLite: the database; PostgreSQL: the head row)
-        conn.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1))
-        seq, prev = conn.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()
-        h = digest(prev, _canonical(seq, at, actor, project_id, action, target, details))
-        conn.execute(
-            AuditRecord.__table__.insert().values(
-                seq=seq,
-                at=at,
-                actor=actor,
-                project_id=project_id,
-                action=action,
-                target=target,
-                details=details,
-                prev_hash=prev,
-                hash=h,
-            )
+    # the UPDATE takes the write lock first (SQLite: the database; PostgreSQL: the head row)
+    conn.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1))
+    seq, prev = conn.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()
+    h = digest(prev, _canonical(seq, at, actor, project_id, action, target, details))
+    conn.execute(
+        AuditRecord.__table__.insert().values(
+            seq=seq,
+            at=at,
+            actor=actor,
+            project_id=project_id,
+            action=action,
+            target=target,
+            details=details,
+            prev_hash=prev,
+            hash=h,
         )
-        conn.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=h))
+    )
+    conn.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=h))
     return {
         "seq": seq,
         "at": iso(at),
@@ -192,3 +216,38 @@ def actor_of(principal: Any) -> str:
     if user:
         return f"user:{user}"
     return f"key:{principal.key_id}"
+
+
+def section_hash(value: Any) -> str:
+    return hashlib.sha256(
+        orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    ).hexdigest()
+
+
+def record_config(store: Store, sections: dict[str, Any], actor: str = "system") -> dict[str, Any] | None:
+    """Append ``config.changed`` when the effective configuration differs from the last one recorded.
+
+    ``sections`` maps a section name (models, routing, guardrails, ...) to its JSON-able value
+    (secrets already replaced by fingerprints). Replicas starting together record one change: the
+    comparison and the append happen under the chain's lock.
+    """
+    hashes = {name: section_hash(value) for name, value in sections.items()}
+    with store.engine.begin() as conn:
+        conn.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq))  # take the lock
+        last = conn.execute(
+            select(AuditRecord.details)
+            .where(AuditRecord.action == "config.changed")
+            .order_by(AuditRecord.seq.desc())
+            .limit(1)
+        ).scalar()
+        before: dict[str, str] = (last or {}).get("sections", {}) if isinstance(last, dict) else {}
+        changed = sorted(n for n in set(hashes) | set(before) if hashes.get(n) != before.get(n))
+        if not changed:
+            return None
+        return append(
+            conn,
+            actor=actor,
+            action="config.changed",
+            target="config",
+            details={"changed": changed, "sections": hashes, "first": last is None},
+        )

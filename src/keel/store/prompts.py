@@ -15,7 +15,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from keel.errors import BadRequest, KeelError, NotFound
-from keel.store.models import Score, Span
+from keel.store import audit
+from keel.store.models import Project, Score, Span
 from keel.store.models_prompts import Prompt, PromptEvent, PromptLabel, PromptVersion
 from keel.store.repo import iso, utcnow
 
@@ -60,27 +61,39 @@ def _not_found(name: str) -> NotFound:
 class PromptStore:
     """All database access of the prompt registry."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, project_id: str | None = None) -> None:
         self.engine = engine
+        # every read and write is of this project's prompts (load_all alone spans every project)
+        self.project_id = project_id
+
+    def _named(self, name: str) -> Any:
+        return and_(Prompt.name == name, Prompt.project_id == self.project_id)
 
     # -- reads ------------------------------------------------------------------------------------
 
     def list_prompts(self) -> list[dict[str, Any]]:
         with Session(self.engine) as s:
-            prompts = list(s.scalars(select(Prompt).order_by(Prompt.name)))
+            prompts = list(
+                s.scalars(select(Prompt).where(Prompt.project_id == self.project_id).order_by(Prompt.name))
+            )
+            ids = [p.id for p in prompts]
             labels: dict[str, list[dict[str, Any]]] = {}
-            for lb in s.scalars(select(PromptLabel).order_by(PromptLabel.label)):
+            for lb in s.scalars(
+                select(PromptLabel).where(PromptLabel.prompt_id.in_(ids)).order_by(PromptLabel.label)
+            ):
                 labels.setdefault(lb.prompt_id, []).append(_label_dict(lb))
             latest = {
                 (v.prompt_id): v
                 for v in s.scalars(
-                    select(PromptVersion).join(
+                    select(PromptVersion)
+                    .join(
                         Prompt,
                         and_(
                             Prompt.id == PromptVersion.prompt_id,
                             Prompt.latest_version == PromptVersion.version,
                         ),
                     )
+                    .where(Prompt.project_id == self.project_id)
                 )
             }
             out = []
@@ -111,7 +124,7 @@ class PromptStore:
     def get_prompt(self, name: str) -> dict[str, Any] | None:
         """The prompt with its labels, or None."""
         with Session(self.engine) as s:
-            p = s.scalar(select(Prompt).where(Prompt.name == name))
+            p = s.scalar(select(Prompt).where(self._named(name)))
             if p is None:
                 return None
             labels = s.scalars(
@@ -122,7 +135,7 @@ class PromptStore:
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Every version of a prompt, newest first (NotFound when there is no such prompt)."""
         with Session(self.engine) as s:
-            p = s.scalar(select(Prompt).where(Prompt.name == name))
+            p = s.scalar(select(Prompt).where(self._named(name)))
             if p is None:
                 raise _not_found(name)
             rows = s.scalars(
@@ -137,16 +150,23 @@ class PromptStore:
             row = s.execute(
                 select(Prompt, PromptVersion)
                 .join(PromptVersion, PromptVersion.prompt_id == Prompt.id)
-                .where(Prompt.name == name, PromptVersion.version == version)
+                .where(self._named(name), PromptVersion.version == version)
             ).first()
             return None if row is None else _version_dict(row[0].name, row[0].type, row[1])
+
+    def default_project_id(self) -> str | None:
+        """The id of the project named ``default`` (where the master key's prompts live), if any."""
+        with Session(self.engine) as s:
+            found: str | None = s.scalar(select(Project.id).where(Project.name == "default"))
+            return found
 
     def load_all(self) -> list[dict[str, Any]]:
         """Every prompt with all its versions and labels (what the gateway's cache holds)."""
         with Session(self.engine) as s:
             prompts = {p.id: p for p in s.scalars(select(Prompt))}
             out: dict[str, dict[str, Any]] = {
-                pid: {**self._prompt_dict(p), "versions": [], "labels": []} for pid, p in prompts.items()
+                pid: {**self._prompt_dict(p), "project_id": p.project_id, "versions": [], "labels": []}
+                for pid, p in prompts.items()
             }
             for v in s.scalars(select(PromptVersion)):
                 p = prompts.get(v.prompt_id)
@@ -160,7 +180,7 @@ class PromptStore:
     def history(self, name: str, label: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
         """Audit events of a prompt (optionally one label's moves), newest first."""
         with Session(self.engine) as s:
-            p = s.scalar(select(Prompt).where(Prompt.name == name))
+            p = s.scalar(select(Prompt).where(self._named(name)))
             if p is None:
                 raise _not_found(name)
             stmt = select(PromptEvent).where(PromptEvent.prompt_id == p.id)
@@ -241,11 +261,16 @@ class PromptStore:
     ) -> tuple[dict[str, Any], bool]:
         now = utcnow()
         with Session(self.engine) as s, s.begin():
-            p = s.scalar(select(Prompt).where(Prompt.name == name).with_for_update())
+            if self.project_id is None:
+                raise BadRequest(
+                    "prompts belong to a project: name one", code="invalid_request", param="project"
+                )
+            p = s.scalar(select(Prompt).where(self._named(name)).with_for_update())
             created_prompt = p is None
             if p is None:
                 p = Prompt(
                     id="prm_" + uuid.uuid4().hex[:16],
+                    project_id=self.project_id,
                     name=name,
                     type=ptype,
                     latest_version=0,
@@ -418,7 +443,7 @@ class PromptStore:
     # -- helpers ----------------------------------------------------------------------------------
 
     def _prompt_for_update(self, s: Session, name: str) -> Prompt:
-        p = s.scalar(select(Prompt).where(Prompt.name == name).with_for_update())
+        p = s.scalar(select(Prompt).where(self._named(name)).with_for_update())
         if p is None:
             raise _not_found(name)
         return p
@@ -472,6 +497,15 @@ class PromptStore:
                 actor=actor,
                 created_at=now,
             )
+        )
+        # and in the deployment-wide hash-chained audit log, in the same transaction
+        audit.append(
+            s.connection(),
+            actor=actor or "unknown",
+            action=f"prompt.{action}",
+            target=p.name,
+            project_id=p.project_id,
+            details={"label": label, "version": version, **(detail or {})},
         )
 
     # -- metrics ----------------------------------------------------------------------------------
