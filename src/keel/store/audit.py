@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, insert, select, update
 
 from keel.store.models_audit import AuditHead, AuditRecord
 from keel.store.repo import Store, iso, utcnow
@@ -96,7 +96,7 @@ def append(
     seq, prev = conn.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()
     h = digest(prev, _canonical(seq, at, actor, project_id, action, target, details))
     conn.execute(
-        AuditRecord.__table__.insert().values(
+        insert(AuditRecord).values(
             seq=seq,
             at=at,
             actor=actor,
