@@ -104,6 +104,32 @@ def test_gate_fails_on_a_worse_prompt_and_passes_on_an_equal_one(keel: Keel, tmp
     assert suite is not None and suite.get("failures") == "0"
     assert "✅ passed" in md.read_text()
 
+    # the server recorded both verdicts: a protected prompt label moves only on the passing run
+    runs = keel.http.get("/api/evals/runs").json()
+    passing, failing = runs[0], runs[1]
+    assert passing["summary"]["gate"]["passed"] is True and failing["summary"]["gate"]["passed"] is False
+    assert failing["summary"]["gate"]["failures"]
+    name = f"gated-{keel.backend}-{passing['id'][-6:]}"
+    for template in ("v1 {{ q }}", "v2 {{ q }}"):
+        assert (
+            keel.http.post(
+                "/api/prompts", json={"name": name, "type": "text", "template": template}
+            ).status_code
+            == 201
+        )
+    assert keel.http.put(f"/api/prompts/{name}/protected", json={"labels": ["production"]}).status_code == 200
+    for ref, why in (
+        (failing["id"], "failed its gate"),
+        (label, "never gated"),
+        ("no-such-run", "does not exist"),
+    ):
+        r = keel.http.put(f"/api/prompts/{name}/labels/production", json={"version": 2, "eval_run": ref})
+        assert r.status_code == 409 and why in r.json()["error"]["message"], (ref, r.text)
+    r = keel.http.put(
+        f"/api/prompts/{name}/labels/production", json={"version": 2, "eval_run": passing["id"]}
+    )
+    assert r.status_code == 200 and r.json()["eval_run"] == passing["id"]
+
 
 def test_gate_usage_errors_are_clear(keel: Keel, tmp_path: Path) -> None:
     bad_suite = tmp_path / "bad.yaml"

@@ -267,6 +267,9 @@ def run_cmd(
                     on_progress=on_progress,
                 )
             cmp = await client.compare(baseline, report.run["id"], items=False) if baseline else None
+            if gate and baseline and report.run.get("status") == "completed":
+                # the server's verdict is what protected prompt labels check before they move
+                cmp["recorded_gate"] = await client.gate(report.run["id"], baseline)  # type: ignore[index]
             return report, cmp
 
     report, cmp = _run_async(go())

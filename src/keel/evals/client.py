@@ -140,6 +140,10 @@ class EvalClient:
     async def get_run(self, ref: str) -> dict[str, Any]:
         return dict(await self._call("GET", f"/api/evals/runs/{ref}"))
 
+    async def gate(self, run: str, baseline: str) -> dict[str, Any]:
+        """Have the server gate ``run`` against ``baseline`` and record the verdict on the run."""
+        return dict(await self._call("POST", f"/api/evals/runs/{run}/gate", json={"baseline": baseline}))
+
     async def compare(self, base: str, head: str, *, items: bool = False) -> dict[str, Any]:
         return dict(
             await self._call(

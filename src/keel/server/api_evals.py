@@ -167,6 +167,11 @@ class FromTraces(BaseModel):
     create: bool = Field(default=True, description="Create the dataset (by name) when it does not exist.")
 
 
+class GateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    baseline: str = Field(min_length=1, max_length=200, description="Baseline run id or label.")
+
+
 class RunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -502,6 +507,33 @@ def build_router() -> APIRouter:
     async def run_results(request: Request, ref: str, p: Caller) -> dict[str, Any]:
         run = await _eval_run(request, p, ref)
         return {"run": run["id"], "data": await _run(_evals(request).results, run["id"])}
+
+    @r.post(
+        "/evals/runs/{run_id}/gate",
+        tags=["evals"],
+        summary="Gate a run against a baseline on the server and record the verdict on the run",
+    )
+    async def gate_run(request: Request, run_id: str, body: GateIn, p: Caller) -> dict[str, Any]:
+        from keel.evals.gate import gate_failures
+        from keel.store import utcnow
+
+        require_write(p, "evals")
+        head = await _eval_run(request, p, run_id)
+        if head["status"] != "completed":
+            raise KeelError(
+                f"run {run_id!r} is {head['status']}: only a completed run can be gated",
+                status=409,
+                code="run_not_completed",
+            )
+        cmp = await compare_refs(request, p, body.baseline, head["id"], items=False)
+        gate = {
+            "baseline": body.baseline,
+            "passed": bool(cmp.get("passed")),
+            "failures": gate_failures(cmp),
+            "at": utcnow().isoformat(),
+        }
+        await _run(_evals(request).record_gate, head["id"], gate)
+        return gate
 
     @r.delete("/evals/runs/{run_id}", response_model=RunOut, tags=["evals"], summary="Delete a run")
     async def delete_run(request: Request, run_id: str, p: Caller) -> dict[str, Any]:

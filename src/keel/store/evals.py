@@ -408,6 +408,15 @@ class EvalStore:
             r.finished_at = utcnow()
             return _run_dict(r)
 
+    def record_gate(self, run_id: str, gate: dict[str, Any]) -> dict[str, Any]:
+        """Keep the server's gate verdict on the run (protected prompt labels move only on a pass)."""
+        with Session(self.engine) as s, s.begin():
+            r = s.get(EvalRun, run_id, with_for_update=True)
+            if r is None:
+                raise NotFound(f"eval run {run_id!r} not found", code="run_not_found")
+            r.summary = {**(r.summary or {}), "gate": gate}
+            return _run_dict(r)
+
     def list_runs(
         self, project_id: str | None, *, suite: str | None = None, label: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:

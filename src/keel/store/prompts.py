@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, select
+from sqlalchemy import Engine, and_, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -352,14 +352,16 @@ class PromptStore:
         now = utcnow()
         with Session(self.engine) as s, s.begin():
             p = self._prompt_for_update(s, name)
-            if label in (p.protected_labels or []) and not eval_run:
-                raise KeelError(
-                    f"label '{label}' of prompt '{name}' is protected: moving it needs a linked passing "
-                    "evaluation run ('eval_run')",
-                    status=409,
-                    code="protected_label",
-                    param="eval_run",
-                )
+            if label in (p.protected_labels or []):
+                why = _failing_run(s, p.project_id, eval_run)
+                if why:
+                    raise KeelError(
+                        f"label '{label}' of prompt '{name}' is protected: moving it needs a linked passing "
+                        f"evaluation run ('eval_run'); {why}",
+                        status=409,
+                        code="protected_label",
+                        param="eval_run",
+                    )
             wanted = [v for v, _ in split] if split else [version]
             for v in wanted:
                 if v is None or not (1 <= v <= p.latest_version):
@@ -593,3 +595,31 @@ def _pct(sorted_values: list[float], q: float) -> float | None:
         return None
     i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return round(sorted_values[i], 3)
+
+
+def _failing_run(s: Session, project_id: str, ref: str | None) -> str | None:
+    """Why ``ref`` cannot authorise a protected label move (None: it can).
+
+    It must be an evaluation run of the same project that completed and whose gate, computed and
+    recorded by the server (``keel eval run --baseline ... --gate``), passed.
+    """
+    if not ref:
+        return "none was given"
+    from keel.store.models_evals import EvalRun
+
+    run = s.scalar(
+        select(EvalRun)
+        .where(EvalRun.project_id == project_id, or_(EvalRun.id == ref, EvalRun.label == ref))
+        .order_by(EvalRun.created_at.desc())
+        .limit(1)
+    )
+    if run is None:
+        return f"run {ref!r} does not exist in this project"
+    if run.status != "completed":
+        return f"run {ref!r} is {run.status}"
+    gate = (run.summary or {}).get("gate")
+    if not isinstance(gate, dict):
+        return f"run {ref!r} was never gated against a baseline"
+    if not gate.get("passed"):
+        return f"run {ref!r} failed its gate against {gate.get('baseline')!r}"
+    return None
