@@ -35,6 +35,7 @@ class World:
     run: str
     a: dict[str, str] = field(default_factory=dict)  # project A: names and ids
     b_key: str = ""
+    b_project_id: str = ""
     b_public: str = ""
     b_cookies: dict[str, str] = field(default_factory=dict)  # a B admin user's UI session
     a_key: str = ""
@@ -132,6 +133,7 @@ WRITES: dict[str, Callable[[World], dict[str, Any]]] = {
         "json": {"results": [{"variant": "v", "item_id": w.a["dataset_item_id"], "output": "b"}]}
     },
     "POST /api/evals/runs/{run_id}/finish": lambda w: {"json": {"status": "failed"}},
+    "POST /api/evals/runs/{run_id}/gate": lambda w: {"json": {"baseline": w.a["run_id"]}},
     "DELETE /api/evals/runs/{run_id}": lambda w: {},
     "POST /api/annotation-queues": lambda w: {
         "json": {"name": "b-q", "score_name": "q", "project": w.a["project"]}
@@ -214,6 +216,7 @@ def _build(keel: Keel) -> World:
     w.a.update(project=a, project_id=ka["project_id"])
     kb = _ok(m.post("/api/keys", json={"project": b, "name": "b-admin", "scopes": ADMIN}), 201)
     w.b_key = kb["key"]
+    w.b_project_id = kb["project_id"]
     w.b_public = _ok(m.post("/api/keys", json={"project": b, "kind": "public"}), 201)["key"]
     ha = {"authorization": f"Bearer {w.a_key}"}
     w.a["key_id"] = _ok(m.post("/api/keys", json={"project": a, "name": f"a-plain-{w.run}"}), 201)["id"]
@@ -475,6 +478,13 @@ def test_writes_naming_a_do_not_reach_a(keel: Keel, world: World) -> None:
     keel.wait_for_trace(later.headers["x-keel-trace-id"])
     after = _snapshot(keel, world)
     assert after["trace"] == before["trace"], "B's spans joined A's trace"
+    # nothing B sent was lost: its spans live in a trace of B's own, found under the id B was given
+    own = keel.http.get(f"/api/traces/{tid}", headers={"authorization": f"Bearer {world.b_key}"})
+    assert own.status_code == 200, own.text
+    assert own.json()["trace_id"] != tid and own.json()["project_id"] == world.b_project_id
+    names = {s["name"] for s in own.json()["spans"]}
+    assert "b-span" in names and len(own.json()["spans"]) >= 2
+    assert all(s["attributes"].get("keel.rehomed_from") == tid for s in own.json()["spans"])
     # and B sees no A trace through its own trace list
     mine = keel.http.get("/api/traces", headers={"authorization": f"Bearer {world.b_key}"}).json()["data"]
     assert all(world.a["secret"] not in json.dumps(t) for t in mine)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import secrets
 import uuid
 from collections.abc import Iterable, Sequence
@@ -23,11 +24,14 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Integer,
+    String,
     and_,
+    bindparam,
     case,
     delete,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -35,11 +39,16 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from keel.store.engine import make_engine, migrate
-from keel.store.models import ApiKey, Project, Span, Team, Trace, TraceTag
+from keel.store.models import ApiKey, Project, Score, Span, Team, Trace, TraceTag
+from keel.store.rollups import prompt_member, record_rollups
+from keel.store.score_rollups import move_trace_scores
+from keel.store.search import delete_text, index_spans, match_traces
 
 __all__ = ["KeyRow", "Store", "TraceFilter", "hash_key", "new_key_secret", "utcnow"]
 
+log = logging.getLogger("keel.store")
 KEY_PREFIX = "sk-keel-"
+PUBLIC_KEY_PREFIX = "pk-keel-"  # public keys: end-user feedback only, safe to ship in a browser
 
 
 def utcnow() -> datetime:
@@ -64,8 +73,12 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_key_secret() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+def _default_scopes(kind: str) -> list[str]:
+    return [] if kind == "public" else ["gateway", "ingest", "read"]
+
+
+def new_key_secret(prefix: str = KEY_PREFIX) -> str:
+    return prefix + secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,8 @@ class KeyRow:
     limits: dict[str, Any] | None = None
     team_limits: dict[str, Any] | None = None
     project_limits: dict[str, Any] | None = None
+    kind: str = "secret"  # secret | public
+    scopes: tuple[str, ...] | None = None  # None: the default scopes (keel.types.DEFAULT_SCOPES)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -103,6 +118,8 @@ class KeyRow:
             "created_at": iso(self.created_at),
             "revoked_at": iso(self.revoked_at),
             "status": "revoked" if self.revoked_at else "active",
+            "kind": self.kind,
+            "scopes": sorted(self.scopes) if self.scopes is not None else _default_scopes(self.kind),
         }
 
 
@@ -117,6 +134,41 @@ class TraceFilter:
     start: datetime | None = None
     end: datetime | None = None
     key_id: str | None = None
+    name: str | None = None
+    team_id: str | None = None
+    provider: str | None = None
+    prompt_name: str | None = None
+    prompt_version: int | None = None
+    min_latency_ms: float | None = None
+    max_latency_ms: float | None = None
+    min_cost_usd: float | None = None
+    max_cost_usd: float | None = None
+    q: str | None = None  # full-text search over span input/output (keel.store.search)
+
+
+def _explorer_conditions(f: TraceFilter, engine: Engine) -> list[Any]:
+    """The trace explorer's further filters, each served by an index of migration 0005."""
+    conds: list[Any] = []
+    for col, value in (
+        (Trace.name, f.name),
+        (Trace.team_id, f.team_id),
+        (Trace.provider, f.provider),
+        (Trace.prompt_name, f.prompt_name),
+        (Trace.prompt_version, f.prompt_version),
+    ):
+        if value is not None and value != "":
+            conds.append(col == value)
+    if f.min_latency_ms is not None:
+        conds.append(Trace.latency_ms >= f.min_latency_ms)
+    if f.max_latency_ms is not None:
+        conds.append(Trace.latency_ms <= f.max_latency_ms)
+    if f.min_cost_usd is not None:
+        conds.append(Trace.cost_usd >= f.min_cost_usd)
+    if f.max_cost_usd is not None:
+        conds.append(Trace.cost_usd <= f.max_cost_usd)
+    if f.q:
+        conds.append(match_traces(engine, f.q))
+    return conds
 
 
 def _encode_cursor(dt: datetime, trace_id: str) -> str:
@@ -291,17 +343,22 @@ class Store:
         team: str | None = None,
         end_user: str | None = None,
         limits: dict[str, Any] | None = None,
+        kind: str = "secret",
+        scopes: Sequence[str] | None = None,
     ) -> tuple[str, KeyRow]:
         """Create a virtual key in ``project`` (by name, created when missing). Returns (secret, row).
 
         ``team`` (name or id, created in the project when missing) and ``end_user`` attribute the
-        key's usage; ``limits`` holds its rate limits and budgets.
+        key's usage; ``limits`` holds its rate limits and budgets. ``kind="public"`` makes a
+        ``pk-keel-`` key that may only post end-user feedback.
         """
+        if kind not in ("secret", "public"):
+            raise ValueError(f"unknown key kind {kind!r}")
         pid = self.ensure_project(project) if not project.startswith("proj_") else project
         if self.get_project(pid) is None:
             raise LookupError(f"project {project!r} does not exist")
         tid = self.ensure_team(pid, team)["id"] if team else None
-        secret = new_key_secret()
+        secret = new_key_secret(PUBLIC_KEY_PREFIX if kind == "public" else KEY_PREFIX)
         kid = "key_" + uuid.uuid4().hex[:16]
         with Session(self.engine) as s, s.begin():
             s.add(
@@ -317,6 +374,8 @@ class Store:
                     team_id=tid,
                     end_user=end_user,
                     limits=limits or None,
+                    kind=kind,
+                    scopes=sorted(set(scopes)) if scopes is not None else _default_scopes(kind),
                 )
             )
         row = self.get_key(kid)
@@ -350,6 +409,8 @@ class Store:
                     limits=k.limits,
                     team_limits=tlimits,
                     project_limits=plimits,
+                    kind=k.kind,
+                    scopes=tuple(k.scopes) if k.scopes is not None else None,
                 )
                 for k, pname, tname, tlimits, plimits in s.execute(
                     stmt.order_by(ApiKey.created_at, ApiKey.id)
@@ -370,6 +431,12 @@ class Store:
 
     def active_keys(self) -> list[KeyRow]:
         return self.list_keys(include_revoked=False)
+
+    def set_key_scopes(self, key_id: str, scopes: Sequence[str]) -> KeyRow | None:
+        """Replace a key's scopes; None when there is no such key."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(ApiKey).where(ApiKey.id == key_id).values(scopes=sorted(set(scopes))))
+        return self.get_key(key_id)
 
     def revoke_key(self, key_id: str) -> KeyRow | None:
         with Session(self.engine) as s, s.begin():
@@ -394,6 +461,17 @@ class Store:
             return 0
         trace_ids = list({sp["trace_id"] for sp in batch})
         with self.engine.begin() as conn:
+            known = {
+                row.trace_id: dict(row._mapping)
+                for row in conn.execute(select(Trace).where(Trace.trace_id.in_(trace_ids)))
+            }
+            moved = _rehome(batch, known)
+            if moved:  # the re-homed spans' own traces may exist already (an earlier batch)
+                known.update(
+                    (row.trace_id, dict(row._mapping))
+                    for row in conn.execute(select(Trace).where(Trace.trace_id.in_(list(moved))))
+                )
+                trace_ids = list({sp["trace_id"] for sp in batch})
             existing_spans = set(
                 conn.execute(select(Span.trace_id, Span.span_id).where(Span.trace_id.in_(trace_ids))).all()
             )
@@ -401,10 +479,8 @@ class Store:
             if not fresh:
                 return 0
             bulk_insert(conn, Span.__table__, [_span_row(sp) for sp in fresh])
-            known = {
-                row.trace_id: dict(row._mapping)
-                for row in conn.execute(select(Trace).where(Trace.trace_id.in_(trace_ids)))
-            }
+            index_spans(conn, fresh)
+            prior = {tid: dict(t) for tid, t in known.items()}  # for the rollups' deltas (_fold mutates)
             new: dict[str, dict[str, Any]] = {}
             changed: dict[str, dict[str, Any]] = {}
             tag_rows: set[tuple[str, str]] = set()
@@ -425,6 +501,9 @@ class Store:
             for tid, t in changed.items():
                 values = {k: v for k, v in t.items() if k != "trace_id"}
                 conn.execute(update(Trace).where(Trace.trace_id == tid).values(**values))
+            record_rollups(conn, new.values(), [(prior[t], changed[t]) for t in changed], fresh, known | new)
+            if changed:
+                _follow_changed(conn, prior, changed)
             if tag_rows:
                 have: set[tuple[str, str]] = set()
                 if changed:
@@ -436,7 +515,11 @@ class Store:
                             )
                         ).all()
                     )
-                new_tags = [{"trace_id": tid, "tag": tag} for tid, tag in tag_rows if (tid, tag) not in have]
+                new_tags = [
+                    {"trace_id": tid, "tag": tag, "start_time": (new.get(tid) or changed[tid])["start_time"]}
+                    for tid, tag in tag_rows
+                    if (tid, tag) not in have
+                ]
                 if new_tags:
                     conn.execute(insert(TraceTag), new_tags)
         return len(fresh)
@@ -449,9 +532,7 @@ class Store:
                 ids = list(s.scalars(select(Trace.trace_id).where(Trace.start_time < cutoff).limit(batch)))
                 if not ids:
                     return total
-                s.execute(delete(Span).where(Span.trace_id.in_(ids)))
-                s.execute(delete(TraceTag).where(TraceTag.trace_id.in_(ids)))
-                s.execute(delete(Trace).where(Trace.trace_id.in_(ids)))
+                delete_trace_rows(s, ids)
                 total += len(ids)
 
     # -- traces: reads ----------------------------------------------------------------------------
@@ -461,6 +542,11 @@ class Store:
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first, keyset pagination. Returns (page, next_cursor)."""
         stmt = select(Trace)
+        # time order and keyset columns: with a tag, trace_tags' copies, so the page is a walk of its index
+        ts, tid = Trace.start_time, Trace.trace_id
+        if f.tag:
+            stmt = stmt.join(TraceTag, TraceTag.trace_id == Trace.trace_id)
+            ts, tid = TraceTag.start_time, TraceTag.trace_id
         conds: list[Any] = []
         if f.project_id is not None:
             conds.append(Trace.project_id == f.project_id)
@@ -475,17 +561,20 @@ class Store:
         if f.key_id:
             conds.append(Trace.key_id == f.key_id)
         if f.start:
-            conds.append(Trace.start_time >= f.start)
+            conds.append(ts >= f.start)
         if f.end:
-            conds.append(Trace.start_time < f.end)
+            conds.append(ts < f.end)
         if f.tag:
-            conds.append(Trace.trace_id.in_(select(TraceTag.trace_id).where(TraceTag.tag == f.tag)))
+            conds.append(TraceTag.tag == f.tag)
+        conds.extend(_explorer_conditions(f, self.engine))
         if cursor:
             cts, ctid = _decode_cursor(cursor)
-            conds.append(or_(Trace.start_time < cts, and_(Trace.start_time == cts, Trace.trace_id < ctid)))
+            # ts <= cts first: a range the index seeks to (the OR alone is a filter on every row passed)
+            conds.append(ts <= cts)
+            conds.append(or_(ts < cts, and_(ts == cts, tid < ctid)))
         if conds:
             stmt = stmt.where(and_(*conds))
-        stmt = stmt.order_by(Trace.start_time.desc(), Trace.trace_id.desc()).limit(limit + 1)
+        stmt = stmt.order_by(ts.desc(), tid.desc()).limit(limit + 1)
         with Session(self.engine) as s:
             rows = list(s.scalars(stmt))
         nxt = None
@@ -502,9 +591,16 @@ class Store:
             return int(s.scalar(stmt) or 0)
 
     def get_trace(self, trace_id: str, project_id: str | None = None) -> dict[str, Any] | None:
-        """One trace with its spans (ordered by start), or None (also when in another project)."""
+        """One trace with its spans (ordered by start), or None (also when in another project).
+
+        A project asking for another project's trace id gets its own spans that named it, if any
+        (they were stored under :func:`rehomed_trace_id`).
+        """
         with Session(self.engine) as s:
             t = s.get(Trace, trace_id)
+            if t is not None and project_id is not None and t.project_id != project_id:
+                t = s.get(Trace, rehomed_trace_id(project_id, trace_id))
+                trace_id = t.trace_id if t is not None else trace_id
             if t is None or (project_id is not None and t.project_id != project_id):
                 return None
             spans = s.scalars(
@@ -524,9 +620,10 @@ class Store:
     ) -> list[dict[str, Any]]:
         """Spend, tokens and requests of LLM and embedding calls, grouped; the busiest groups first.
 
-        ``group_by``: project, team, key, user, model (the public name), provider or tag. Attempt
-        spans are not counted: the request's own span carries its final tokens and cost. day / hour
-        (UTC, ``YYYY-MM-DD`` / ``YYYY-MM-DDTHH``, oldest first) give a time series.
+        ``group_by``: project, team, key, user, model (the public name), provider, tag, prompt or
+        prompt_version (``name:version``); or day /
+        hour (UTC, ``YYYY-MM-DD`` / ``YYYY-MM-DDTHH``, oldest first) for a time series. Attempt
+        spans are not counted: the request's own span carries its final tokens and cost.
         """
         if group_by in ("day", "hour"):
             return self._usage_series(group_by, project_id=project_id, start=start, end=end)
@@ -537,6 +634,8 @@ class Store:
             "user": Span.user_id,
             "model": func.coalesce(Span.requested_model, Span.model),
             "provider": Span.provider,
+            "prompt": Span.prompt_name,
+            "prompt_version": Span.prompt_name + literal_column("':'") + Span.prompt_version.cast(String),
         }
         stmt_from: Any
         if group_by == "tag":
@@ -636,6 +735,83 @@ class Store:
             stmt = stmt.where(Trace.project_id == project_id)
         with Session(self.engine) as s:
             return sorted({m for m in s.scalars(stmt.distinct().limit(200)) if m})
+
+
+def rehomed_trace_id(project_id: str, trace_id: str) -> str:
+    """Where a project's spans naming another project's trace are stored: a trace id of its own."""
+    return hashlib.sha256(f"{project_id}:{trace_id}".encode()).hexdigest()[:32]
+
+
+def _rehome(batch: list[dict[str, Any]], known: dict[str, dict[str, Any]]) -> set[str]:
+    """Keep every project's spans out of other projects' traces, without losing any (in place).
+
+    A trace belongs to the project of its first span. A span of another project naming that trace
+    id (a forged or leaked traceparent, an OTLP export) is stored in a trace of its own project
+    instead (:func:`rehomed_trace_id`, marked ``keel.rehomed_from``), where its project finds it
+    under the id it was given (the trace API resolves it). Master-key gateway spans (no project)
+    may join any trace, and a trace they started belongs to the first project that joins it.
+    Returns the trace ids spans were moved to.
+    """
+    owner = {tid: t.get("project_id") for tid, t in known.items()}
+    moved: set[str] = set()
+    for i, sp in enumerate(batch):
+        pid = sp.get("project_id")
+        tid = sp["trace_id"]
+        first = owner.get(tid)
+        if first is None:
+            owner[tid] = first = pid
+        if pid is None or first == pid:
+            continue
+        new_tid = rehomed_trace_id(pid, tid)
+        batch[i] = {
+            **sp,
+            "trace_id": new_tid,
+            "attributes": {**(sp.get("attributes") or {}), "keel.rehomed_from": tid},
+        }
+        moved.add(new_tid)
+    if moved:
+        log.warning(
+            "stored %d spans naming another project's trace in their own project's traces", len(moved)
+        )
+    return moved
+
+
+def _follow_changed(
+    conn: Connection, prior: dict[str, dict[str, Any]], changed: dict[str, dict[str, Any]]
+) -> None:
+    """What follows a stored trace that later spans changed: its tags' start_time and its scores'
+    rollups (when its model or prompt version changed)."""
+    moved = [
+        (tid, t["start_time"]) for tid, t in changed.items() if t["start_time"] != prior[tid]["start_time"]
+    ]
+    if moved:
+        conn.execute(
+            update(TraceTag).where(TraceTag.trace_id == bindparam("tid")).values(start_time=bindparam("st")),
+            [{"tid": tid, "st": st} for tid, st in moved],
+        )
+    move_trace_scores(
+        conn,
+        {
+            tid: (
+                (
+                    prior[tid]["model"] or "",
+                    prompt_member(prior[tid]["prompt_name"], prior[tid]["prompt_version"]),
+                ),
+                (t["model"] or "", prompt_member(t["prompt_name"], t["prompt_version"])),
+            )
+            for tid, t in changed.items()
+        },
+    )
+
+
+def delete_trace_rows(s: Session, ids: list[str]) -> None:
+    """Delete traces by id with everything stored about them (scores, spans, search text, tags)."""
+    # the metric and score rollups are left as they are: dashboards keep the history (docs/observability.md)
+    s.execute(delete(Score).where(Score.trace_id.in_(ids)))
+    s.execute(delete(Span).where(Span.trace_id.in_(ids)))
+    delete_text(s.connection(), ids)
+    s.execute(delete(TraceTag).where(TraceTag.trace_id.in_(ids)))
+    s.execute(delete(Trace).where(Trace.trace_id.in_(ids)))
 
 
 def _sqlite_time(v: datetime | None) -> str | None:
@@ -764,6 +940,7 @@ def _fold(t: dict[str, Any], sp: dict[str, Any]) -> None:
     for col, key in (
         ("project_id", "project_id"),
         ("key_id", "key_id"),
+        ("team_id", "team_id"),
         ("user_id", "user"),
         ("session_id", "session_id"),
         ("prompt_name", "prompt_name"),
