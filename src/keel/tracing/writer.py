@@ -36,7 +36,7 @@ class WriterStats:
         self.unpriced = 0
 
 
-def span_to_row(rec: SpanRecord, store_bodies: bool = True) -> dict[str, Any]:
+def span_to_row(rec: SpanRecord, store_bodies: bool = True, redactor: Any = None) -> dict[str, Any]:
     """Turn a queued record into the store's row dict (pricing it if needed)."""
     cost = rec.cost_usd
     priced = True
@@ -89,8 +89,8 @@ def span_to_row(rec: SpanRecord, store_bodies: bool = True) -> dict[str, Any]:
         "prompt_name": rec.prompt_name,
         "prompt_version": rec.prompt_version,
         "tags": rec.tags,
-        "input": rec.input if store_bodies else None,
-        "output": rec.output if store_bodies else None,
+        "input": None if not store_bodies else redactor.redact(rec.input) if redactor else rec.input,
+        "output": None if not store_bodies else redactor.redact(rec.output) if redactor else rec.output,
         "attributes": attrs,
     }
 
@@ -106,18 +106,24 @@ class TraceWriter:
         batch_size: int = 1000,
         flush_interval_s: float = 0.25,
         store_bodies: bool = True,
+        redact_pii: bool = False,
         on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
         process_url: str | None = None,
     ) -> None:
         self.store = store
         # with a database URL, batches are written by a child process (see process_writer.py)
         self._process: WriterProcess | None = (
-            WriterProcess(process_url, store_bodies) if process_url else None
+            WriterProcess(process_url, store_bodies, redact_pii) if process_url else None
         )
         self.max_queue = max_queue
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.store_bodies = store_bodies
+        self._redactor: Any = None
+        if redact_pii and not process_url:  # the writer process builds its own
+            from keel.guardrails.redact import Redactor
+
+            self._redactor = Redactor()
         self.stats = WriterStats()
         self._q: deque[SpanRecord] = deque()
         self._wake = asyncio.Event()
@@ -136,6 +142,19 @@ class TraceWriter:
             self.stats.dropped += 1
             return False
         self._q.append(rec)
+        if len(self._q) >= self.batch_size:
+            self._wake.set()
+        return True
+
+    def submit_all(self, recs: list[SpanRecord], reserve: int = 0) -> bool:
+        """Queue all of ``recs`` or none of them (OTLP ingest: a refused export is retried whole).
+
+        ``reserve`` slots stay free for :meth:`submit` (the gateway). A refusal is not a drop: the
+        caller tells its client to retry, so nothing is counted here.
+        """
+        if len(self._q) + len(recs) > self.max_queue - reserve:
+            return False
+        self._q.extend(recs)
         if len(self._q) >= self.batch_size:
             self._wake.set()
         return True
@@ -232,7 +251,7 @@ class TraceWriter:
                 except ChildFailed:
                     log.error("trace writer process cannot run; writing in this process from now on")
                     self._process = None
-        rows = [span_to_row(r, self.store_bodies) for r in recs]
+        rows = [span_to_row(r, self.store_bodies, self._redactor) for r in recs]
         self.store.write_spans(rows)
         return rows
 
