@@ -116,14 +116,17 @@ def test_review_a_queue_with_the_keyboard(uk: Keel, page: Page) -> None:
 
     page.get_by_test_id("start-review").click()
     expect(page.get_by_test_id("item-trace")).to_have_text(ids[0])
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
     expect(page.get_by_test_id("item-input")).to_contain_text(f"{word} number 0")
     expect(page.get_by_test_id("item-output")).to_contain_text("Mock reply to:")
 
     # j / k move between items without scoring
     page.keyboard.press("j")
     expect(page.get_by_test_id("item-trace")).to_have_text(ids[1])
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
     page.keyboard.press("k")
     expect(page.get_by_test_id("item-trace")).to_have_text(ids[0])
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
 
     # 4, c, type a comment, Esc, s: scored and on to the next pending item
     page.keyboard.press("4")
@@ -136,14 +139,17 @@ def test_review_a_queue_with_the_keyboard(uk: Keel, page: Page) -> None:
     page.screenshot(path=str(ARTIFACTS / f"review-item-{uk.backend}.png"), full_page=True)
     page.keyboard.press("s")
     expect(page.get_by_test_id("item-trace")).to_have_text(ids[1])
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
 
     # submitting without a score says so and stays
     page.keyboard.press("s")
     expect(page.get_by_test_id("error")).to_contain_text("Pick a score first")
     expect(page.get_by_test_id("item-trace")).to_have_text(ids[1])
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
     page.keyboard.press("2")
     page.keyboard.press("s")
     expect(page.get_by_test_id("item-trace")).to_have_text(ids[2])
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
     page.get_by_test_id("skip").click()
 
     # the last one done: back on the queue page, every item accounted for
@@ -180,11 +186,13 @@ def test_yes_no_queue_and_missing_pages(uk: Keel, page: Page) -> None:
     login(page, uk, f"/review/{q['id']}")
     page.get_by_test_id("start-review").click()
     expect(page.get_by_test_id("item-trace")).to_have_text(ids[0])
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
     page.keyboard.press("5")  # not a key of a yes/no queue: nothing picked
     expect(page.locator('input[name="value"]:checked')).to_have_count(0)
     page.keyboard.press("y")
     page.keyboard.press("s")
     expect(page.get_by_test_id("item-trace")).to_have_text(ids[1])
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
     page.keyboard.press("n")
     page.keyboard.press("s")
     page.wait_for_url(re.compile(r"/review/" + q["id"] + r"\?notice="))
@@ -223,6 +231,7 @@ def test_a_key_without_the_right_may_look_but_not_review(uk: Keel, page: Page) -
     page.click("form.auth-form button[type=submit]")
     page.get_by_test_id("start-review").click()
     expect(page.get_by_test_id("item-trace")).to_have_text(tid)
+    expect(page.locator("#review[data-shortcuts=on]")).to_have_count(1)  # keys are live
     page.keyboard.press("3")
     page.keyboard.press("s")
     expect(page.get_by_test_id("error")).to_contain_text("Reviewing needs the right to change annotations")

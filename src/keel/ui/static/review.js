@@ -49,5 +49,6 @@
       else handled = pick(key);
       if (handled) ev.preventDefault();
     });
+    root.setAttribute("data-shortcuts", "on"); // the keys work from here on
   });
 })();
