@@ -6,9 +6,10 @@ database next to ``--pg-url``'s, dropped afterwards unless ``--keep``), migrates
 ``Store.write_spans`` — the trace writer's path, so trace summaries, tags, the full-text index and
 the metric rollups are all maintained as in production — in batches of whole traces, oldest first.
 The data is spread over the last 7 days with a daily rhythm: 3 projects, 8 models, 5,000 users
-(Zipf), about 60,000 sessions, 15 tags, 6 prompts with several versions, 3% errors; gateway calls
+(Zipf), about 30,000 sessions, 15 tags, 6 prompts with several versions, 3% errors; gateway calls
 (1 span), agent runs (a root and 4-10 children) and RAG calls (4 spans); half the LLM calls
-streamed (with a TTFT). Then ~100k scores. Then ``ANALYZE``.
+streamed (with a TTFT). Then up to 100k scores spread over the week (``insert_scores``: with their
+rollups). Then ``ANALYZE``.
 
 Then it times each query ``--runs`` times (default 30; the first run of each is an untimed
 warm-up) and prints P50 and P95 per query and backend:
@@ -60,8 +61,8 @@ from sqlalchemy import func, select, text
 
 from keel.store import Store, TraceFilter, utcnow
 from keel.store.metrics import Metrics
-from keel.store.models import Score, Trace
-from keel.store.repo import bulk_insert
+from keel.store.models import Trace
+from keel.store.scores import insert_scores
 
 console = Console()
 
@@ -257,9 +258,9 @@ def load(store: Store, n_spans: int, seed: int, label: str) -> dict[str, Any]:
             store.write_spans(batch)
             progress.advance(task, len(batch))
     elapsed = time.perf_counter() - t0
-    # ~100k scores on a third of the traces, created shortly after their trace
+    # up to 100k scores on every n-th trace, created shortly after their trace
     scores = []
-    for tr in traces[:: max(1, len(traces) // 100_000)][:100_000]:
+    for tr in traces[:: max(1, -(-len(traces) // 100_000))]:  # spread over the whole week
         root = tr[0]
         name, dtype = rng.choice([("helpfulness", "numeric"), ("thumbs", "boolean"), ("tone", "categorical")])
         value = (
@@ -285,9 +286,7 @@ def load(store: Store, n_spans: int, seed: int, label: str) -> dict[str, Any]:
                 "created_at": root["end_time"] + timedelta(seconds=rng.uniform(1, 600)),
             }
         )
-    with store.engine.begin() as conn:
-        for k in range(0, len(scores), 5000):
-            bulk_insert(conn, Score.__table__, scores[k : k + 5000])
+    insert_scores(store, scores)  # with their rollups, as add_score keeps them
     with store.engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
     console.print(
@@ -359,6 +358,7 @@ def queries(store: Store, facts: dict[str, Any]) -> list[tuple[str, str, Callabl
         ("filter", "user (rare)", page(TraceFilter(user=facts["rare_user"]))),
         ("filter", "session", page(TraceFilter(session=facts["session"]))),
         ("filter", "tag", page(TraceFilter(tag="tag-canary"))),
+        ("filter", "tag + model", page(TraceFilter(tag="tag-canary", model="gpt-4o"))),
         ("filter", "status=error", page(TraceFilter(status="error"))),
         ("filter", "time range (1 h, 3 days ago)", page(TraceFilter(start=hour_start, end=hour_start + timedelta(hours=1)))),
         ("filter", "model + status=error", page(TraceFilter(model="gpt-4o", status="error"))),
@@ -371,13 +371,18 @@ def queries(store: Store, facts: dict[str, Any]) -> list[tuple[str, str, Callabl
         ("dashboard", "summary 7 d by user", lambda: m.summary(start=week, end=now, group_by="user")),
         ("dashboard", "summary 7 d by session", lambda: m.summary(start=week, end=now, group_by="session")),
         ("dashboard", "summary 24 h by user", lambda: m.summary(start=day, end=now, group_by="user")),
+        ("dashboard", "summary 24 h by session", lambda: m.summary(start=day, end=now, group_by="session")),
         ("dashboard", "timeseries 24 h (15 min)", lambda: m.timeseries(start=day, end=now)),
         ("dashboard", "timeseries 7 d (1 h)", lambda: m.timeseries(start=week, end=now, interval="1h")),
         ("dashboard", "timeseries 7 d (1 h) by model", lambda: m.timeseries(start=week, end=now, interval="1h", group_by="model")),
         ("dashboard", "timeseries 7 d (1 h) by tag", lambda: m.timeseries(start=week, end=now, interval="1h", group_by="tag")),
         ("dashboard", "timeseries 7 d (1 h) by user", lambda: m.timeseries(start=week, end=now, interval="1h", group_by="user")),
+        ("dashboard", "timeseries 7 d (1 h) by session", lambda: m.timeseries(start=week, end=now, interval="1h", group_by="session")),
+        ("dashboard", "timeseries 24 h (15 min) by user", lambda: m.timeseries(start=day, end=now, group_by="user")),
         ("dashboard", "scores 7 d", lambda: m.scores(start=week, end=now)),
         ("dashboard", "scores 7 d by model", lambda: m.scores(start=week, end=now, group_by="model")),
+        ("dashboard", "scores 7 d by prompt version", lambda: m.scores(start=week, end=now, group_by="prompt_version")),
+        ("dashboard", "scores 24 h (15 min)", lambda: m.scores(start=day, end=now)),
     ]  # fmt: skip
 
 

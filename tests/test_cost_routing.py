@@ -301,3 +301,17 @@ def test_team_model_allow_list_applies_to_its_keys(k: Keel) -> None:
     assert chat(k, "small", "hi", key=narrow["key"]).status_code == 200
     bad = k.http.post("/api/teams", json={"project": project, "name": "x", "limits": {"models": "cheap"}})
     assert bad.status_code == 400 and "models must be a list of model names" in bad.text
+
+
+def test_x_keel_user_header_names_the_end_user(k: Keel) -> None:
+    project = "hdr-" + uuid.uuid4().hex[:6]
+    k.http.post("/api/projects", json={"name": project, "limits": {"user_rpm": 1}})
+    key = k.create_key(project=project)["key"]
+    r = chat(k, "cheap", "hi", key=key, extra_headers={"x-keel-user": "dora"})
+    assert k.wait_for_trace(r.headers["x-keel-trace-id"])["user"] == "dora"
+    with pytest.raises(openai.RateLimitError) as err:  # dora's own per-user limit
+        chat(k, "cheap", "hi", key=key, extra_headers={"x-keel-user": "dora"})
+    assert err.value.response.json()["error"]["code"] == "rate_limit_exceeded:user:rpm"
+    # the body's user field wins over the header
+    r = chat(k, "cheap", "hi", key=key, user="eve", extra_headers={"x-keel-user": "dora"})
+    assert k.wait_for_trace(r.headers["x-keel-trace-id"])["user"] == "eve"

@@ -153,7 +153,7 @@ def test_label_canary_rollback_and_errors(keel: Any, tmp_path: Path) -> None:
     bad.write_text("name: x\ntype: chat\nmesages: []\n")
     r = cli(keel, "push", str(bad), cwd=tmp_path)
     assert r.returncode == 1 and "unknown field(s): mesages" in r.stderr
-    key = keel.create_key(project=f"cli-{run}")["key"]
+    key = keel.create_key(project="default")["key"]  # the master's prompts are in the default project
     r = cli(keel, "label", name, "production", "2", cwd=tmp_path, key=key)
     assert r.returncode == 1 and "403" in r.stderr and "master key" in r.stderr
     r = cli(keel, "list", cwd=tmp_path, key=key)

@@ -205,7 +205,7 @@ def test_prompt_errors_in_openai_shape(keel: Any) -> None:
     assert bad.value.body["param"] == "prompt_variables"
 
     # a key limited to other models may not reach gpt-4o-mini through a prompt either
-    key = keel.http.post("/api/keys", json={"project": f"p-{name}", "models": ["cheap"]}).json()["key"]
+    key = keel.http.post("/api/keys", json={"project": "default", "models": ["cheap"]}).json()["key"]
     with pytest.raises(openai.PermissionDeniedError):
         call(sdk(keel, key), name)
 

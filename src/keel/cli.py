@@ -11,6 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 import keel
+from keel.cli_audit import audit_group
+from keel.cli_eval import eval_group
+from keel.cli_judge import judge_agreement_cmd
+from keel.cli_prompts import prompts
+from keel.cli_secrets import secrets
+from keel.cli_traces import traces
+from keel.cli_users import users
 from keel.config import SETTINGS, Settings, load_settings
 from keel.errors import ConfigError
 
@@ -21,7 +28,7 @@ out = Console()
 
 
 def _fail(msg: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -66,6 +73,21 @@ def _notify_keys_changed(settings: Settings) -> None:
         console.print(f"Notified {n} running keel process(es) through Redis.", highlight=False)
     except Exception as exc:
         console.print(f"[yellow]warning:[/] could not notify replicas through Redis: {exc}")
+
+
+def _audit(store: Any, action: str, target: str, project_id: str | None, details: dict[str, Any]) -> None:
+    """Record a CLI administrative action in the audit log (actor ``cli:<os user>``)."""
+    import getpass
+
+    from keel.store import audit
+
+    try:
+        who = getpass.getuser()
+    except Exception:
+        who = "unknown"
+    audit.record(
+        store, actor=f"cli:{who}", action=action, target=target, project_id=project_id, details=details
+    )
 
 
 config_option = click.option(
@@ -150,14 +172,31 @@ def keys() -> None:
 @click.option("--models", default=None, help="Comma-separated model names the key may use (default: all).")
 @click.option("--team", default=None, help="Team in the project (created when missing).")
 @click.option("--user", "end_user", default=None, help="End user the key's requests are attributed to.")
+@click.option("--public", is_flag=True, help="A pk-keel- key that may only post end-user feedback.")
 def keys_create(
-    config: str | None, project: str, name: str, models: str | None, team: str | None, end_user: str | None
+    config: str | None,
+    project: str,
+    name: str,
+    models: str | None,
+    team: str | None,
+    end_user: str | None,
+    public: bool,
 ) -> None:
     """Create a key; the secret is printed once and only its hash is stored."""
     settings = _settings(config)
     store = _store(settings)
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    secret, row = store.create_key(project, name, allowed, team=team, end_user=end_user)
+    if public and (allowed or team or end_user):
+        _fail("a public key takes no --models, --team or --user")
+    kind = "public" if public else "secret"
+    secret, row = store.create_key(project, name, allowed, team=team, end_user=end_user, kind=kind)
+    _audit(
+        store,
+        "key.create",
+        row.id,
+        row.project_id,
+        {"name": name, "kind": kind, "models": allowed, "team": team},
+    )
     _notify_keys_changed(settings)
     console.print(
         f"Created key [bold]{row.id}[/] in project {row.project_name} (shown once):", highlight=False
@@ -209,6 +248,7 @@ def keys_revoke(config: str | None, key_id: str) -> None:
     row = store.revoke_key(key_id)
     if row is None:
         _fail(f"key {key_id!r} not found", 1)
+    _audit(store, "key.revoke", row.id, row.project_id, {"name": row.name})
     _notify_keys_changed(settings)
     console.print(f"Revoked {row.id} ({row.name}, project {row.project_name}).", highlight=False)
 
@@ -235,6 +275,14 @@ def settings_cmd() -> None:
         table.add_row(s.env, s.name, repr(s.default), s.doc)
     out.print(table)
 
+
+main.add_command(traces)
+main.add_command(prompts)
+main.add_command(eval_group)
+eval_group.add_command(judge_agreement_cmd)
+main.add_command(audit_group)
+main.add_command(secrets)
+main.add_command(users)
 
 if __name__ == "__main__":
     main()

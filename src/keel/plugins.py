@@ -30,6 +30,20 @@ class KeelSpecs:
     def register_providers(self, register: Callable[[str, Any], None]) -> None:
         """Register provider factories: ``register(name, factory)``; factory(deployment, settings) -> Provider."""
 
+    @hookspec
+    def register_rails(self, register: Callable[[str, Any], None]) -> None:
+        """Register guardrails: ``register(name, factory)``; factory(options, ctx) -> Rail.
+
+        The protocol is in ``keel.guardrails.base``; built-ins register through this hook too.
+        """
+
+    @hookspec
+    def register_scorers(self, register: Callable[[str, Any], None]) -> None:
+        """Register eval scorers: ``register(name, factory)``; factory(options, ctx) -> Scorer.
+
+        The protocol is in ``keel.evals.scorers.base``; built-ins register through this hook too.
+        """
+
 
 _pm: pluggy.PluginManager | None = None
 

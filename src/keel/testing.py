@@ -48,6 +48,14 @@ whole server with :meth:`MockProvider.set_fault` (``mock.set_fault("500", times=
 A per-request fault takes precedence over (and does not consume) a server-wide fault.  Server-wide
 faults apply to every ``/v1/*`` route, never to ``/health`` or the ``/_mock/*`` control routes.
 
+Scripted replies (e.g. an LLM judge's outputs, well-formed or not): a request whose model is
+``"script:<id>"`` gets its text from :meth:`MockProvider.script` — either the next reply of a queue
+(``mock.script("judge", ['{"score": 4}', "not json"])``; 400 ``script_exhausted`` once it is empty)
+or a function of the request body (``mock.script("rag", lambda req: ...)``, for concurrent callers).
+The scripted text is returned as is, whatever ``response_format`` or ``max_tokens`` say; chat and
+messages routes, streaming or not.  ``POST /_mock/script`` (``{"id": "judge", "replies": [...]}``)
+queues replies from another process.
+
 Out-of-process usage (benchmarks): ``python -m keel.testing --host 127.0.0.1 --port 9100 --workers 4``
 (uvloop + httptools, no access log, recording off unless ``--record``).  The control routes
 ``POST /_mock/fault`` (``{"fault": "500", "times": 2}``), ``POST /_mock/reset`` and
@@ -235,6 +243,7 @@ class MockState:
         self._requests: deque[RecordedRequest] = deque(maxlen=max_recorded)
         self._fault: Fault | None = None
         self._fault_remaining: int | None = None
+        self._scripts: dict[str, deque[str] | Callable[[dict[str, Any]], str]] = {}
 
     # -- faults ------------------------------------------------------------------------------------
     def set_fault(self, fault: str | None, times: int | None = None) -> None:
@@ -264,6 +273,38 @@ class MockState:
                 if self._fault_remaining <= 0:
                     self._fault, self._fault_remaining = None, None
             return fault
+
+    # -- scripted replies ----------------------------------------------------------------------------
+    def script(self, script_id: str, replies: Sequence[str] | Callable[[dict[str, Any]], str] | None) -> None:
+        """Script the replies of model ``script:<script_id>``: a queue of texts, a function of the
+        request body, or ``None`` to forget the script."""
+        with self._lock:
+            if replies is None:
+                self._scripts.pop(script_id, None)
+            elif callable(replies):
+                self._scripts[script_id] = replies
+            else:
+                self._scripts[script_id] = deque(str(r) for r in replies)
+
+    def scripted_reply(self, model: str, req: dict[str, Any]) -> str | None:
+        """The scripted text for a ``script:<id>`` model, or None for any other model."""
+        if not model.startswith("script:"):
+            return None
+        script_id = model[len("script:") :]
+        with self._lock:
+            source = self._scripts.get(script_id)
+            if isinstance(source, deque):
+                if not source:
+                    raise _HTTPError(
+                        400,
+                        f"no scripted reply left for {model}",
+                        "invalid_request_error",
+                        "script_exhausted",
+                    )
+                return source.popleft()
+        if source is None:
+            raise _HTTPError(400, f"no script named {script_id!r}", "invalid_request_error", "script_unknown")
+        return str(source(req))
 
     # -- recording ---------------------------------------------------------------------------------
     def record_request(self, request: RecordedRequest) -> None:
@@ -598,11 +639,15 @@ def _chat_completion(state: MockState, req: dict[str, Any], fault: Fault | None)
             last_user = text
     last_text = _openai_text(messages[-1].get("content"))
 
-    tool = _chat_tool(req, messages, last_text)
+    scripted = state.scripted_reply(model, req)
+    tool = _chat_tool(req, messages, last_text) if scripted is None else None
     content: str | None = None
     tool_call: dict[str, Any] | None = None
     finish = "stop"
-    if tool is not None:
+    if scripted is not None:
+        content = scripted
+        completion_tokens = max(1, _words(content))
+    elif tool is not None:
         arguments = orjson.dumps(_tool_arguments(tool.get("parameters"))).decode()
         tool_call = {
             "id": _new_id("call_"),
@@ -763,11 +808,17 @@ def _anthropic_message(state: MockState, req: dict[str, Any], fault: Fault | Non
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise _HTTPError(400, "max_tokens: Field required (integer >= 1)", "invalid_request_error")
     input_tokens, last_user, last_text = _anthropic_input_tokens(req)
-    tool = _anthropic_tool(req, last_text)
+    scripted = state.scripted_reply(model, req)
+    tool = _anthropic_tool(req, last_text) if scripted is None else None
     mid = _new_id("msg_mock")
-    if tool is not None:
+    block: dict[str, Any]
+    if scripted is not None:
+        block = {"type": "text", "text": scripted}
+        output_tokens = max(1, _words(scripted))
+        stop_reason = "end_turn"
+    elif tool is not None:
         tool_input = _tool_arguments(tool.get("input_schema"))
-        block: dict[str, Any] = {
+        block = {
             "type": "tool_use",
             "id": _new_id("toolu_mock"),
             "name": tool["name"],
@@ -1124,6 +1175,19 @@ async def _handle_control(st: MockState, path: str, method: str, body: bytes, se
             await _send_bytes(send, 400, _error_body(False, str(exc), "invalid_request_error"))
             return
         await _send_bytes(send, 200, orjson.dumps({"fault": req.get("fault"), "times": req.get("times")}))
+    elif path == "/_mock/script" and method == "POST" and isinstance(req, dict):
+        replies = req.get("replies")
+        if not isinstance(req.get("id"), str) or not isinstance(replies, list):
+            await _send_bytes(
+                send,
+                400,
+                _error_body(
+                    False, "'id' (string) and 'replies' (array) are required", "invalid_request_error"
+                ),
+            )
+            return
+        st.script(req["id"], [r if isinstance(r, str) else orjson.dumps(r).decode() for r in replies])
+        await _send_bytes(send, 200, orjson.dumps({"id": req["id"], "queued": len(replies)}))
     else:
         await _send_bytes(
             send, 404, _error_body(False, f"Unknown control route {method} {path}", "invalid_request_error")
@@ -1289,6 +1353,11 @@ class MockProvider:
     def reset(self) -> None:
         """Clear the recorded requests and the server-wide fault."""
         self.state.reset()
+
+    def script(self, script_id: str, replies: Sequence[str] | Callable[[dict[str, Any]], str] | None) -> None:
+        """Script what model ``script:<script_id>`` answers: a queue of texts (one per request), a
+        function ``(request body) -> text``, or ``None`` to forget the script."""
+        self.state.script(script_id, replies)
 
     def set_fault(self, fault: str | None, times: int | None = None) -> None:
         """Make the server misbehave: ``"500"``, ``"429:2"``, ``"slow:0.5"``, ``"reset"``, ``"cut:3"``...

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     from keel.config import ModelConfig
 
 __all__ = [
+    "DEFAULT_SCOPES",
+    "SCOPES",
     "ChatResult",
     "Principal",
     "Provider",
@@ -20,9 +22,13 @@ __all__ = [
 ]
 
 
+SCOPES: tuple[str, ...] = ("gateway", "ingest", "read", "admin")
+DEFAULT_SCOPES: frozenset[str] = frozenset({"gateway", "ingest", "read"})
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the master key or one virtual key of a project."""
+    """Who is calling: the master key, one virtual key of a project, or a signed-in user in one project."""
 
     key_id: str | None
     project_id: str | None
@@ -35,12 +41,22 @@ class Principal:
     limits: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     team_limits: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     project_limits: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    kind: str = "secret"  # "public": a pk-keel- key that may only post end-user feedback
+    # what the key may do: gateway (model calls), ingest (OTLP, scores), read (/api GET), admin (its project)
+    scopes: frozenset[str] = DEFAULT_SCOPES
+    role: str | None = None  # a signed-in user's role in project_id: admin | developer | viewer
+    user_name: str | None = None  # a signed-in user (UI session), not a key
+    is_owner: bool = False  # an organisation owner: every project, every action (users only)
 
     def may_use(self, model: str) -> bool:
         if self.allowed_models is not None and model not in self.allowed_models:
             return False
         team_models = self.team_limits.get("models") if self.team_limits else None
         return team_models is None or model in team_models
+
+    @property
+    def is_public(self) -> bool:
+        return self.kind == "public"
 
 
 @dataclass(slots=True)

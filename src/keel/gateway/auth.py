@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from keel.store import KeyRow, Store, hash_key
-from keel.types import Principal
+from keel.types import DEFAULT_SCOPES, SCOPES, Principal
 
 __all__ = ["KEYS_CHANNEL", "KeyCache", "bearer_token", "keys_channel"]
 
@@ -38,6 +38,10 @@ def bearer_token(authorization: str | None, x_api_key: str | None = None) -> str
     return None
 
 
+def _default_scopes(kind: str) -> frozenset[str]:
+    return frozenset() if kind == "public" else DEFAULT_SCOPES
+
+
 class KeyCache:
     """Answers "who is this key?" from memory."""
 
@@ -57,7 +61,9 @@ class KeyCache:
         self.refresh_s = refresh_s
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: Any = None
-        self.master = Principal(key_id=None, project_id=None, is_master=True, name="master")
+        self.master = Principal(
+            key_id=None, project_id=None, is_master=True, name="master", scopes=frozenset(SCOPES)
+        )
         self.reloads = 0
 
     @staticmethod
@@ -74,6 +80,7 @@ class KeyCache:
             team_limits=row.team_limits,
             project_limits=row.project_limits,
             kind=row.kind,
+            scopes=frozenset(row.scopes) if row.scopes is not None else _default_scopes(row.kind),
         )
 
     def load(self) -> None:
@@ -82,6 +89,12 @@ class KeyCache:
         self.reloads += 1
 
     def lookup(self, key: str | None) -> Principal | None:
+        """The principal of the master key or a secret key; None for unknown, revoked or public keys."""
+        p = self.lookup_any(key)
+        return None if p is None or p.is_public else p
+
+    def lookup_any(self, key: str | None) -> Principal | None:
+        """Like :meth:`lookup`, public (feedback-only) keys included: the caller checks ``is_public``."""
         if not key:
             return None
         h = hash_key(key)

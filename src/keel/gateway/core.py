@@ -48,6 +48,7 @@ from keel.gateway.limits import (
     RateLimiter,
 )
 from keel.gateway.prompting import apply_prompt
+from keel.gateway.rails import build_rails
 from keel.gateway.routing import Deployment, ModelTable, Router, RuleInput, match_rule
 from keel.gateway.stats import GatewayStats
 from keel.pricing import price
@@ -77,6 +78,7 @@ class _Req:
         "auth",
         "body",
         "content_length",
+        "guard",
         "headers",
         "metadata",
         "parent",
@@ -89,6 +91,7 @@ class _Req:
         "start_pc",
         "tags",
         "trace_id",
+        "user",
         "x_api_key",
     )
 
@@ -104,6 +107,7 @@ class _Req:
         meta: str | None = None
         session: str | None = None
         self.run_id: str | None = None
+        self.user: str | None = None  # x-keel-user: the end user when the body names none
         for k, v in scope["headers"]:
             if k == b"authorization":
                 self.auth = v.decode("latin-1")
@@ -121,6 +125,8 @@ class _Req:
                 session = v.decode("utf-8", "replace")
             elif k == b"x-keel-run-id":
                 self.run_id = v.decode("utf-8", "replace")[:200]
+            elif k == b"x-keel-user":
+                self.user = v.decode("utf-8", "replace")[:256]
         ctx = parse_traceparent(tp)
         self.trace_id: str
         self.parent: str | None
@@ -135,6 +141,7 @@ class _Req:
         self.principal: Principal | None = None
         self.body: dict[str, Any] | None = None
         self.prompt: tuple[str, int, str] | None = None  # registry prompt rendered: (name, version, label)
+        self.guard: Any = None  # the request's guardrails (keel.gateway.rails), when any apply
 
 
 class Gateway:
@@ -166,6 +173,7 @@ class Gateway:
         # estimating prompt tokens costs time: only when a deployment declares a context window
         self._needs_estimate = any(d.config.max_input_tokens for d in models.all())
         self._budget_read: dict[tuple[str, str], float] = {}
+        self.rails = build_rails(settings, self)  # None when no guardrails are configured
 
     # -- shared steps -----------------------------------------------------------------------------
 
@@ -197,7 +205,7 @@ class Gateway:
             key_id=p.key_id if p else None,
             team_id=p.team_id if p else None,
             requested_model=body.get("model") if isinstance(body.get("model"), str) else None,
-            user=user if isinstance(user, str) else (p.end_user if p else None),
+            user=user if isinstance(user, str) else (req.user or (p.end_user if p else None)),
             session_id=req.session,
             prompt_name=req.prompt[0] if req.prompt else None,
             prompt_version=req.prompt[1] if req.prompt else None,
@@ -224,6 +232,9 @@ class Gateway:
             st.tokens[(model, "input")] += rec.usage.input_tokens
         if rec.usage.output_tokens:
             st.tokens[(model, "output")] += rec.usage.output_tokens
+        if req.guard is not None:
+            for span in req.guard.finish(rec):
+                self.writer.submit(span)
         self.writer.submit(rec)
 
     async def _fail(
@@ -240,11 +251,13 @@ class Gateway:
         key = bearer_token(req.auth, req.x_api_key)
         if key is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>", code="missing_api_key")
-        p = self.keys.lookup(key)
+        p = self.keys.lookup_any(key)
         if p is None:
             raise Unauthorized("invalid API key", code="invalid_api_key")
         if p.is_public:
             raise Forbidden("a public key (pk-keel-) may only post end-user feedback", code="public_key")
+        if "gateway" not in p.scopes:
+            raise Forbidden("this key lacks the 'gateway' scope", code="scope_required")
         return p
 
     def parse_chat(self, raw: bytes, req: _Req | None = None) -> dict[str, Any]:
@@ -321,6 +334,8 @@ class Gateway:
                 )
             if not (req.principal.may_use(model) or (asked is not None and req.principal.may_use(asked))):
                 raise Forbidden(f"this key is not allowed to use model '{model}'", code="model_not_allowed")
+            if self.rails is not None:  # input rails: before the cache and the provider see the request
+                body, out = await self.rails.begin(req, body, out, target, run)
             await self._admit(req, body, run)
             if self.cache is not None and self._caches(target):
                 ok, why = cacheable(body, req.headers, cache_tool_calls=self.settings.cache.cache_tool_calls)
@@ -616,7 +631,7 @@ class Gateway:
             ("team", p.team_id, p.team_limits),
             ("project", p.project_id, p.project_limits),
         ]
-        user = body.get("user") if isinstance(body.get("user"), str) else p.end_user
+        user = body.get("user") if isinstance(body.get("user"), str) else (req.user or p.end_user)
         if user and p.project_limits:
             # per end user: the project's user_* limits apply to each end user separately
             per_user = {

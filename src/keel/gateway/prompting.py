@@ -33,11 +33,14 @@ def apply_prompt(
     """
     model = body.get("model")
     by_model = isinstance(model, str) and model.startswith(PREFIX)
-    name = model[len(PREFIX) :] if by_model else None
+    name: str | None = model[len(PREFIX) :] if isinstance(model, str) and by_model else None
     label: str | None = None
     pinned: str | None = None
+    header_user: str | None = None
     for k, v in headers:
-        if k.startswith(b"x-keel-prompt"):
+        if k == b"x-keel-user":
+            header_user = v.decode("utf-8", "replace")[:256]
+        elif k.startswith(b"x-keel-prompt"):
             if k == b"x-keel-prompt" and name is None:
                 name = v.decode("utf-8", "replace").strip()
             elif k == b"x-keel-prompt-label":
@@ -46,7 +49,9 @@ def apply_prompt(
                 pinned = v.decode("utf-8", "replace").strip()
     if not name:
         if by_model:
-            raise BadRequest("name the prompt: \"model\": \"prompt:<name>\"", code="invalid_prompt", param="model")
+            raise BadRequest(
+                'name the prompt: "model": "prompt:<name>"', code="invalid_prompt", param="model"
+            )
         return None
     label = body.get("prompt_label", label) or DEFAULT_LABEL
     if not isinstance(label, str):
@@ -56,11 +61,14 @@ def apply_prompt(
     if variables is None:
         variables = {}
     if not isinstance(variables, dict):
-        raise BadRequest("'prompt_variables' must be an object", code="invalid_request", param="prompt_variables")
+        raise BadRequest(
+            "'prompt_variables' must be an object", code="invalid_request", param="prompt_variables"
+        )
     user = body.get("user")
-    if not isinstance(user, str):
-        user = principal.end_user if principal is not None else None
-    compiled = cache.resolve(name, label=label, version=version, user=user)
+    if not isinstance(user, str):  # the canary is sticky per end user: body, x-keel-user, or the key's user
+        user = header_user or (principal.end_user if principal is not None else None)
+    project = principal.project_id if principal is not None else None  # a key sees its project's prompts
+    compiled = cache.resolve(name, label=label, version=version, user=user, project_id=project)
     rendered = compiled.render(variables)
     out = dict(rendered.config)
     out.update((k, v) for k, v in body.items() if k not in _FIELDS and k != "messages")
@@ -85,4 +93,6 @@ def _version(value: Any) -> int | None:
         return value
     if isinstance(value, str) and value.isdigit():
         return int(value)
-    raise BadRequest("'prompt_version' must be a version number", code="invalid_request", param="prompt_version")
+    raise BadRequest(
+        "'prompt_version' must be a version number", code="invalid_request", param="prompt_version"
+    )

@@ -32,6 +32,7 @@ def prompts_channel(prefix: str = "keel:") -> str:
 
 @dataclass
 class _Entry:
+    project_id: str | None
     name: str
     type: str
     latest: int
@@ -53,7 +54,8 @@ class PromptCache:
         self.redis_url = redis_url
         self.channel = prompts_channel(redis_prefix)
         self.refresh_s = refresh_s
-        self._by_name: dict[str, _Entry] = {}
+        self._by_name: dict[tuple[str | None, str], _Entry] = {}  # (project id, prompt name)
+        self.default_project: str | None = None  # where the master key's requests resolve prompts
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: Any = None
         self.reloads = 0
@@ -61,10 +63,11 @@ class PromptCache:
     def load(self) -> None:
         """(Re)load every prompt; unchanged versions keep their compiled templates."""
         old = self._by_name
-        fresh: dict[str, _Entry] = {}
+        fresh: dict[tuple[str | None, str], _Entry] = {}
+        self.default_project = self.store.default_project_id()
         for p in self.store.load_all():
-            entry = _Entry(p["name"], p["type"], int(p["latest_version"]))
-            prev = old.get(p["name"])
+            entry = _Entry(p.get("project_id"), p["name"], p["type"], int(p["latest_version"]))
+            prev = old.get((entry.project_id, entry.name))
             for row in p["versions"]:
                 n = int(row["version"])
                 kept = prev.versions.get(n) if prev is not None else None
@@ -76,18 +79,27 @@ class PromptCache:
                     except Exception:  # validated on push; a hand-edited row must not stop the gateway
                         log.exception("prompt %s version %s does not compile; skipped", p["name"], n)
             entry.labels = {lb["label"]: label_from_dict(lb) for lb in p["labels"]}
-            fresh[entry.name] = entry
+            fresh[(entry.project_id, entry.name)] = entry
         self._by_name = fresh
         self.reloads += 1
 
-    def names(self) -> list[str]:
-        return sorted(self._by_name)
+    def names(self, project_id: str | None = None) -> list[str]:
+        pid = project_id or self.default_project
+        return sorted(n for p, n in self._by_name if p == pid)
 
     def resolve(
-        self, name: str, label: str | None = None, version: int | None = None, user: str | None = None
+        self,
+        name: str,
+        label: str | None = None,
+        version: int | None = None,
+        user: str | None = None,
+        project_id: str | None = None,
     ) -> CompiledPrompt:
-        """The compiled version a caller gets: by number, or through a label (sticky canary per user)."""
-        entry = self._by_name.get(name)
+        """The compiled version a caller gets: by number, or through a label (sticky canary per user).
+
+        Prompts are looked up in ``project_id`` (the caller's project; None: the ``default`` project).
+        """
+        entry = self._by_name.get((project_id or self.default_project, name))
         if entry is None:
             raise NotFound(f"prompt '{name}' not found", code="prompt_not_found", param="model")
         if version is None:

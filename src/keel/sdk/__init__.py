@@ -12,6 +12,7 @@ the application never waits on the network and never sees an SDK exception. See 
 Depends only on OpenTelemetry and httpx (and ``openai`` for :func:`openai_client`).
 """
 
+from keel.sdk import prompts as prompts  # keel.sdk.prompts.get(name, label=...)
 from keel.sdk._context import set_metadata, set_session, set_tags, set_user
 from keel.sdk._export import ExportStats
 from keel.sdk._observe import KINDS, SpanHandle, SpanScope, current_span, observe, span

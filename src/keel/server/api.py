@@ -11,8 +11,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from keel.gateway.auth import bearer_token
 from keel.gateway.limits import check_limits
+from keel.server.access import check_method, require_project, require_write
 from keel.store import TraceFilter
 from keel.store.scores import trace_scores
+from keel.store.search import parse_query
 from keel.types import Principal
 
 __all__ = ["build_api_router", "principal_from_request"]
@@ -37,6 +39,11 @@ class KeyCreate(BaseModel):
     kind: Literal["secret", "public"] = Field(
         default="secret",
         description="`public`: a pk-keel- key that may only post end-user feedback (safe in a browser).",
+    )
+    scopes: list[Literal["gateway", "ingest", "read", "admin"]] | None = Field(
+        default=None,
+        description="What the key may do: gateway (model calls), ingest (OTLP, scores), read (GET /api), "
+        "admin (manage its project's keys, prompts, datasets, ...). Default: gateway, ingest, read.",
     )
 
     @field_validator("limits")
@@ -104,6 +111,7 @@ class KeyOut(BaseModel):
     revoked_at: str | None
     status: str
     kind: str = "secret"
+    scopes: list[str] = Field(default_factory=list)
 
 
 class KeyCreated(KeyOut):
@@ -218,7 +226,7 @@ def principal_from_request(request: Request) -> Principal:
             401,
             detail={"message": "missing API key", "type": "authentication_error", "code": "missing_api_key"},
         )
-    p = keys.lookup(key)
+    p = keys.lookup_any(key)
     if p is None:
         raise HTTPException(
             401,
@@ -233,10 +241,33 @@ def principal_from_request(request: Request) -> Principal:
                 "code": "public_key",
             },
         )
+    check_method(p, request.method)  # reads need the read scope; writes a principal that may write
     return p
 
 
 Caller = Annotated[Principal, Depends(principal_from_request)]
+
+
+async def _audit(
+    request: Request,
+    p: Principal,
+    action: str,
+    target: str | None,
+    project_id: str | None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Append an administrative action to the hash-chained audit log."""
+    from keel.store import audit
+
+    await run_in_threadpool(
+        audit.record,
+        request.app.state.keel.store,
+        actor=audit.actor_of(p),
+        action=action,
+        target=target,
+        project_id=project_id,
+        details=details,
+    )
 
 
 def _require_admin(p: Principal) -> None:
@@ -289,9 +320,9 @@ def build_api_router() -> APIRouter:
 
     @r.get("/keys", response_model=list[KeyOut], tags=["keys"], summary="List virtual keys")
     def list_keys(request: Request, p: Caller, project: str | None = None) -> list[dict[str, Any]]:
-        _require_admin(p)
+        require_write(p, "keys")
         store = request.app.state.keel.store
-        pid = None
+        pid = None if p.is_master else p.project_id
         if project:
             proj = store.get_project(project)
             if proj is None:
@@ -303,6 +334,7 @@ def build_api_router() -> APIRouter:
                         "code": "not_found",
                     },
                 )
+            require_project(p, proj["id"])
             pid = proj["id"]
         return [k.public() for k in store.list_keys(project_id=pid)]
 
@@ -314,8 +346,20 @@ def build_api_router() -> APIRouter:
         summary="Create a virtual key (shown once)",
     )
     async def create_key(request: Request, body: KeyCreate, p: Caller) -> dict[str, Any]:
-        _require_admin(p)
+        require_write(p, "keys")
         keel = request.app.state.keel
+        if not p.is_master:  # a project admin makes keys in its own project only
+            proj = await run_in_threadpool(keel.store.get_project, body.project)
+            require_project(p, proj["id"] if proj else None)
+        if body.kind == "public" and body.scopes:
+            raise HTTPException(
+                400,
+                detail={
+                    "message": "a public key has no scopes: it may only post end-user feedback",
+                    "type": "invalid_request_error",
+                    "code": "invalid_request",
+                },
+            )
         if body.kind == "public" and (body.models or body.team or body.user or body.limits):
             raise HTTPException(
                 400,
@@ -335,15 +379,34 @@ def build_api_router() -> APIRouter:
             body.user,
             body.limits,
             body.kind,
+            body.scopes,
         )
         await keel.keys.changed()
+        await _audit(
+            request,
+            p,
+            "key.create",
+            row.id,
+            row.project_id,
+            {
+                "name": row.name,
+                "kind": body.kind,
+                "models": body.models,
+                "team": body.team,
+                "limits": body.limits,
+                "scopes": row.public()["scopes"],
+            },
+        )
         return {**row.public(), "key": secret}
 
     @r.delete("/keys/{key_id}", response_model=KeyOut, tags=["keys"], summary="Revoke a virtual key")
     async def revoke_key(request: Request, key_id: str, p: Caller) -> dict[str, Any]:
-        _require_admin(p)
+        require_write(p, "keys")
         keel = request.app.state.keel
-        row = await run_in_threadpool(keel.store.revoke_key, key_id)
+        found = await run_in_threadpool(keel.store.get_key, key_id)
+        row = None
+        if found is not None and (p.is_master or found.project_id == p.project_id):
+            row = await run_in_threadpool(keel.store.revoke_key, key_id)
         if row is None:
             raise HTTPException(
                 404,
@@ -354,6 +417,7 @@ def build_api_router() -> APIRouter:
                 },
             )
         await keel.keys.changed()
+        await _audit(request, p, "key.revoke", row.id, row.project_id, {"name": row.name})
         return row.public()
 
     @r.get("/projects", response_model=list[ProjectOut], tags=["projects"])
@@ -371,6 +435,9 @@ def build_api_router() -> APIRouter:
             await run_in_threadpool(store.set_project_limits, pid, body.limits)
             await request.app.state.keel.keys.changed()
         proj: dict[str, Any] = await run_in_threadpool(store.get_project, body.name)
+        await _audit(
+            request, p, "project.upsert", proj["id"], proj["id"], {"name": body.name, "limits": body.limits}
+        )
         return proj
 
     @r.get("/teams", response_model=list[TeamOut], tags=["teams"], summary="List teams")
@@ -384,15 +451,18 @@ def build_api_router() -> APIRouter:
         "/teams", response_model=TeamOut, status_code=201, tags=["teams"], summary="Create or update a team"
     )
     async def create_team(request: Request, body: TeamCreate, p: Caller) -> dict[str, Any]:
-        _require_admin(p)
+        require_write(p, "teams")
         keel = request.app.state.keel
         store = keel.store
         proj = await run_in_threadpool(store.get_project, body.project)
+        if not p.is_master:  # a project admin changes its own project's teams only
+            require_project(p, proj["id"] if proj else None)
         pid = proj["id"] if proj else await run_in_threadpool(store.ensure_project, body.project)
         limits = body.limits
         if body.models is not None:
             limits = {**(limits or {}), "models": body.models}
         team: dict[str, Any] = await run_in_threadpool(store.ensure_team, pid, body.name, limits)
+        await _audit(request, p, "team.upsert", team["id"], pid, {"name": body.name, "limits": limits})
         await keel.keys.changed()  # keys of the team pick up its limits
         return team
 
@@ -400,7 +470,9 @@ def build_api_router() -> APIRouter:
     def usage(
         request: Request,
         p: Caller,
-        group_by: Annotated[str, Query(pattern="^(project|team|key|user|model|provider|tag|day|hour)$")] = "model",
+        group_by: Annotated[
+            str, Query(pattern="^(project|team|key|user|model|provider|tag|prompt|prompt_version|day|hour)$")
+        ] = "model",
         start: Annotated[str | None, Query(description="ISO 8601; calls starting at or after")] = None,
         end: Annotated[str | None, Query(description="ISO 8601; calls starting before")] = None,
         project: str | None = Query(default=None, description="Project id or name (master key only)"),
@@ -435,21 +507,57 @@ def build_api_router() -> APIRouter:
         user: str | None = None,
         session: str | None = None,
         tag: str | None = None,
+        prompt: str | None = Query(default=None, description="Registry prompt name"),
+        prompt_version: Annotated[int | None, Query(ge=1, description="Version of `prompt`")] = None,
         start: Annotated[str | None, Query(description="ISO 8601; traces starting at or after")] = None,
         end: Annotated[str | None, Query(description="ISO 8601; traces starting before")] = None,
         project: str | None = Query(default=None, description="Project id (master key only)"),
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: str | None = None,
+        name: str | None = Query(default=None, description="Trace (root span) name"),
+        key: str | None = Query(default=None, description="Virtual key id"),
+        team: str | None = Query(default=None, description="Team id"),
+        provider: str | None = None,
+        min_latency_ms: Annotated[float | None, Query(ge=0)] = None,
+        max_latency_ms: Annotated[float | None, Query(ge=0)] = None,
+        min_cost_usd: Annotated[float | None, Query(ge=0)] = None,
+        max_cost_usd: Annotated[float | None, Query(ge=0)] = None,
+        q: Annotated[
+            str | None,
+            Query(
+                max_length=500,
+                description="Full-text search over span input/output: every word must occur; `word*` is a prefix",
+            ),
+        ] = None,
     ) -> dict[str, Any]:
         store = request.app.state.keel.store
         pid = p.project_id if not p.is_master else project
+        if q is not None and q.strip():
+            try:
+                parse_query(q)
+            except ValueError as exc:
+                raise HTTPException(
+                    400,
+                    detail={"message": f"q: {exc}", "type": "invalid_request_error", "code": "invalid_query"},
+                ) from None
         f = TraceFilter(
+            name=name or None,
+            key_id=key or None,
+            team_id=team or None,
+            provider=provider or None,
+            min_latency_ms=min_latency_ms,
+            max_latency_ms=max_latency_ms,
+            min_cost_usd=min_cost_usd,
+            max_cost_usd=max_cost_usd,
+            q=q.strip() if q and q.strip() else None,
             project_id=pid,
             model=model,
             status=status,
             user=user,
             session=session,
             tag=tag,
+            prompt_name=prompt,
+            prompt_version=prompt_version,
             start=_parse_time(start, "start"),
             end=_parse_time(end, "end"),
         )

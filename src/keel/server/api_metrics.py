@@ -24,11 +24,12 @@ Caller = Annotated[Principal, Depends(principal_from_request)]
 
 _APPROX = (
     "Totals and the model, prompt_version and tag breakdowns come from per-minute/hour/day rollups kept by "
-    "the trace writer; the user and session breakdowns aggregate the traces table. Counts, tokens and cost "
-    "are exact; latency percentiles are estimated from a log-scale histogram (two buckets per doubling, "
-    "interpolated inside the bucket: typically within a few percent, at worst a factor of 1.41). TTFT is not "
-    "kept per user or session. A request (trace) counts in the minute it started; the range is widened to "
-    "whole minutes (summary) or whole intervals (time series)."
+    "the trace writer; user and session breakdowns from hour/day rollups, with the traces table for the "
+    "partial hours at the range's edges. Counts, tokens and cost are exact; latency percentiles are "
+    "estimated from a log-scale histogram (two buckets per doubling, interpolated inside the bucket: "
+    "typically within a few percent, at worst a factor of 1.41). A request (trace) counts in the minute it "
+    "started; the range is widened to whole minutes (summary; whole hours where old minute rollups were "
+    "pruned) or whole intervals (time series)."
 )
 _GROUP_BY = "^(model|user|session|tag|prompt_version)$"
 _INTERVAL = "^(" + "|".join(INTERVALS) + ")$"
@@ -55,7 +56,7 @@ class MetricValues(BaseModel):
     latency_p95_ms: float | None
     latency_p99_ms: float | None
     ttft_avg_ms: float | None = Field(
-        description="Mean time to first token of streamed LLM calls; null for user/session groups"
+        description="Mean time to first token of streamed LLM calls; null without any"
     )
 
 

@@ -1,7 +1,8 @@
 """/api/prompts: the prompt registry over HTTP (push, versions, labels, rollback, diff, render, metrics).
 
-Any key may read prompts (applications fetch them with the SDK); creating versions and moving
-labels needs the master key.  Every write is in the audit log with the key that made it.
+Prompts belong to a project: a key reads (and, with the ``admin`` scope, writes) its own project's
+prompts; the master key works in the project named by ``?project=`` (default: ``default``).
+Every write is in the prompt's history with the key that made it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from keel.errors import KeelError
 from keel.prompts import PromptRegistry, Version
 from keel.prompts.diff import diff_versions
+from keel.server.access import require_project, require_write
 from keel.server.api import _parse_time, principal_from_request
 from keel.store.prompts import PromptStore
 from keel.types import Principal
@@ -77,8 +79,38 @@ class RenderRequest(BaseModel):
     variables: dict[str, Any] = Field(default_factory=dict)
 
 
-def _registry(request: Request) -> PromptRegistry:
-    return PromptRegistry(PromptStore(request.app.state.keel.store.engine))
+ProjectRef = Annotated[
+    str | None, Query(description="Project id or name (master key only; default: `default`)")
+]
+
+
+def _project_id(request: Request, p: Principal, project: str | None) -> str:
+    """The project whose prompts a request works on: the key's own, or the master key's choice."""
+    store = request.app.state.keel.store
+    if not p.is_master:
+        if project is not None:
+            found = store.get_project(project)
+            require_project(p, found["id"] if found else None)
+        return str(p.project_id)
+    ref = project or "default"
+    found = store.get_project(ref)
+    if found is not None:
+        return str(found["id"])
+    if ref == "default":
+        return str(store.ensure_project(ref))
+    raise HTTPException(
+        404,
+        detail={
+            "message": f"project {ref!r} not found",
+            "type": "invalid_request_error",
+            "code": "not_found",
+        },
+    )
+
+
+def _registry(request: Request, p: Principal, project: str | None = None) -> PromptRegistry:
+    pid = _project_id(request, p, project)
+    return PromptRegistry(PromptStore(request.app.state.keel.store.engine, pid))
 
 
 def _http(err: KeelError) -> HTTPException:
@@ -96,19 +128,13 @@ async def _run(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
 
 
 def _actor(p: Principal) -> str:
+    if p.user_name:
+        return f"user:{p.user_name}"
     return "master" if p.is_master else f"{p.name or 'key'} ({p.key_id})"
 
 
 def _admin(p: Principal) -> None:
-    if not p.is_master:
-        raise HTTPException(
-            403,
-            detail={
-                "message": "changing prompts needs the master key",
-                "type": "permission_error",
-                "code": "forbidden",
-            },
-        )
+    require_write(p, "prompts")
 
 
 async def _changed(request: Request) -> None:
@@ -128,15 +154,17 @@ def build_router() -> APIRouter:
     r = APIRouter(prefix="/api/prompts", tags=["prompts"])
 
     @r.get("", summary="List prompts with their labels")
-    async def list_prompts(request: Request, p: Caller) -> list[dict[str, Any]]:
-        return await _run(_registry(request).store.list_prompts)
+    async def list_prompts(request: Request, p: Caller, project: ProjectRef = None) -> list[dict[str, Any]]:
+        return await _run(_registry(request, p, project).store.list_prompts)
 
     @r.post("", status_code=201, summary="Push a version (nothing is created when it equals the newest)")
-    async def push(request: Request, body: PromptPush, p: Caller, response: Response) -> dict[str, Any]:
+    async def push(
+        request: Request, body: PromptPush, p: Caller, response: Response, project: ProjectRef = None
+    ) -> dict[str, Any]:
         _admin(p)
         actor = _actor(p)
         version, created = await _run(
-            _registry(request).push,
+            _registry(request, p, project).push,
             body.name,
             body.type,
             template=body.template,
@@ -156,8 +184,10 @@ def build_router() -> APIRouter:
         return {**version.as_dict(), "created": created}
 
     @r.get("/{name}", summary="A prompt: labels and version history")
-    async def get_prompt(request: Request, name: str, p: Caller) -> dict[str, Any]:
-        reg = _registry(request)
+    async def get_prompt(
+        request: Request, name: str, p: Caller, project: ProjectRef = None
+    ) -> dict[str, Any]:
+        reg = _registry(request, p, project)
 
         def load() -> dict[str, Any]:
             prompt = reg.store.get_prompt(name)
@@ -184,8 +214,10 @@ def build_router() -> APIRouter:
         return await _run(load)
 
     @r.get("/{name}/versions/{ref}", summary="One version by number, label or 'latest'")
-    async def get_version(request: Request, name: str, ref: str, p: Caller) -> dict[str, Any]:
-        version = await _run(_version_ref, _registry(request), name, ref)
+    async def get_version(
+        request: Request, name: str, ref: str, p: Caller, project: ProjectRef = None
+    ) -> dict[str, Any]:
+        version = await _run(_version_ref, _registry(request, p, project), name, ref)
         return version.as_dict()
 
     @r.get("/{name}/resolve", summary="The version a label serves (sticky canary pick per user)")
@@ -193,24 +225,28 @@ def build_router() -> APIRouter:
         request: Request,
         name: str,
         p: Caller,
+        project: ProjectRef = None,
         label: str = "production",
         version: Annotated[int | None, Query(ge=1)] = None,
         user: str | None = None,
     ) -> dict[str, Any]:
         cache = request.app.state.keel.gateway.prompts
         try:
-            compiled = cache.resolve(name, label=label, version=version, user=user or p.end_user)
+            pid = await run_in_threadpool(_project_id, request, p, project)
+            compiled = cache.resolve(
+                name, label=label, version=version, user=user or p.end_user, project_id=pid
+            )
         except KeelError as err:
             raise _http(err) from None
         return {**compiled.version.as_dict(), "label": label if version is None else None}
 
     @r.put("/{name}/labels/{label}", summary="Move a label (a deploy), or split its traffic (a canary)")
     async def move_label(
-        request: Request, name: str, label: str, body: LabelMove, p: Caller
+        request: Request, name: str, label: str, body: LabelMove, p: Caller, project: ProjectRef = None
     ) -> dict[str, Any]:
         _admin(p)
         state = await _run(
-            _registry(request).set_label,
+            _registry(request, p, project).set_label,
             name,
             label,
             version=body.version,
@@ -223,11 +259,16 @@ def build_router() -> APIRouter:
 
     @r.post("/{name}/labels/{label}/rollback", summary="Move a label back to where it pointed before")
     async def rollback(
-        request: Request, name: str, label: str, p: Caller, body: Rollback | None = None
+        request: Request,
+        name: str,
+        label: str,
+        p: Caller,
+        project: ProjectRef = None,
+        body: Rollback | None = None,
     ) -> dict[str, Any]:
         _admin(p)
         state = await _run(
-            _registry(request).rollback,
+            _registry(request, p, project).rollback,
             name,
             label,
             actor=_actor(p),
@@ -237,21 +278,25 @@ def build_router() -> APIRouter:
         return {"prompt": name, **state.as_dict()}
 
     @r.delete("/{name}/labels/{label}", status_code=204, summary="Remove a label")
-    async def remove_label(request: Request, name: str, label: str, p: Caller) -> Response:
+    async def remove_label(
+        request: Request, name: str, label: str, p: Caller, project: ProjectRef = None
+    ) -> Response:
         _admin(p)
-        await _run(_registry(request).store.remove_label, name, label, actor=_actor(p))
+        await _run(_registry(request, p, project).store.remove_label, name, label, actor=_actor(p))
         await _changed(request)
         return Response(status_code=204)
 
     @r.put("/{name}/protected", summary="Labels that move only with a linked evaluation run")
-    async def protect(request: Request, name: str, body: Protect, p: Caller) -> dict[str, Any]:
+    async def protect(
+        request: Request, name: str, body: Protect, p: Caller, project: ProjectRef = None
+    ) -> dict[str, Any]:
         _admin(p)
         from keel.prompts.model import check_label
 
         def run() -> dict[str, Any]:
             for label in body.labels:
                 check_label(label)
-            return _registry(request).store.set_protected(name, body.labels, actor=_actor(p))
+            return _registry(request, p, project).store.set_protected(name, body.labels, actor=_actor(p))
 
         return await _run(run)
 
@@ -260,10 +305,11 @@ def build_router() -> APIRouter:
         request: Request,
         name: str,
         p: Caller,
+        project: ProjectRef = None,
         label: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     ) -> list[dict[str, Any]]:
-        return await _run(_registry(request).store.history, name, label, limit)
+        return await _run(_registry(request, p, project).store.history, name, label, limit)
 
     @r.get("/{name}/diff", summary="Unified diff of template and config between two versions or labels")
     async def diff(
@@ -272,15 +318,18 @@ def build_router() -> APIRouter:
         p: Caller,
         a: Annotated[str, Query(alias="from", description="Version number, label or 'latest'")],
         b: Annotated[str, Query(alias="to", description="Version number, label or 'latest'")] = "latest",
+        project: ProjectRef = None,
     ) -> dict[str, Any]:
-        reg = _registry(request)
+        reg = _registry(request, p, project)
         va = await _run(_version_ref, reg, name, a)
         vb = await _run(_version_ref, reg, name, b)
         return diff_versions(va, vb)
 
     @r.post("/{name}/render", summary="Render a version with variables (nothing is sent to a model)")
-    async def render(request: Request, name: str, body: RenderRequest, p: Caller) -> dict[str, Any]:
-        reg = _registry(request)
+    async def render(
+        request: Request, name: str, body: RenderRequest, p: Caller, project: ProjectRef = None
+    ) -> dict[str, Any]:
+        reg = _registry(request, p, project)
         version = await _run(reg.version, name, body.version, body.label)
         from keel.prompts.render import render as do_render
 
@@ -301,10 +350,11 @@ def build_router() -> APIRouter:
         request: Request,
         name: str,
         p: Caller,
+        project: ProjectRef = None,
         start: Annotated[str | None, Query(description="ISO 8601; calls starting at or after")] = None,
         end: Annotated[str | None, Query(description="ISO 8601; calls starting before")] = None,
     ) -> dict[str, Any]:
-        reg = _registry(request)
+        reg = _registry(request, p, project)
         rows = await _run(
             reg.store.metrics,
             name,

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.server.api import Caller, _project_id, _require_admin
+from keel.server.access import require_project, require_write
+from keel.server.api import Caller, _project_id
 from keel.store.scores import project_retention, set_project_retention
 
 __all__ = ["build_router"]
@@ -57,9 +58,10 @@ def build_router() -> APIRouter:
         summary="Set a project's trace retention",
     )
     async def patch_project(request: Request, project: str, body: ProjectPatch, p: Caller) -> dict[str, Any]:
-        _require_admin(p)
+        require_write(p, "retention")
         keel = request.app.state.keel
         pid = await run_in_threadpool(_project_id, keel.store, project)
+        require_project(p, pid)  # a project admin sets its own project's retention only
         await run_in_threadpool(set_project_retention, keel.store, pid, body.retention_days)
         rows = await run_in_threadpool(project_retention, keel.store)
         row = next(x for x in rows if x["id"] == pid)

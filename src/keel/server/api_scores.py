@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from keel.errors import KeelError
 from keel.gateway.auth import bearer_token
 from keel.gateway.limits import Limit
+from keel.server.access import require_write
 from keel.server.api import Caller, ScoreOut, _parse_time, _project_id
 from keel.store.scores import ScoreFilter, add_score, delete_score, list_scores
 from keel.types import Principal
@@ -173,6 +174,7 @@ def build_router() -> APIRouter:
         "/scores", response_model=ScoreOut, status_code=201, tags=["scores"], summary="Score a trace or span"
     )
     async def create_score(request: Request, body: ScoreIn, p: Caller) -> dict[str, Any]:
+        require_write(p, "scores")
         dtype, value = _typed_value(body)
         store = request.app.state.keel.store
         out = await run_in_threadpool(
@@ -231,6 +233,7 @@ def build_router() -> APIRouter:
 
     @r.delete("/scores/{score_id}", response_model=ScoreOut, tags=["scores"], summary="Delete a score")
     async def remove_score(request: Request, score_id: str, p: Caller) -> dict[str, Any]:
+        require_write(p, "scores")
         store = request.app.state.keel.store
         out = await run_in_threadpool(delete_score, store, score_id, None if p.is_master else p.project_id)
         if out is None:

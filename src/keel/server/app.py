@@ -46,11 +46,15 @@ from keel.gateway.messages import messages_endpoint
 from keel.gateway.routing import ModelTable
 from keel.gateway.stats import GatewayStats
 from keel.plugins import provider_factories
+from keel.prompts import PromptCache
 from keel.providers.local import local_available
 from keel.providers.local_embeddings import local_embeddings_available
 from keel.server.api import build_api_router, principal_from_request
 from keel.server.masterkey import resolve_master_key
 from keel.store import Store, utcnow
+from keel.store.prompts import PromptStore
+from keel.store.rollups import prune_minute_rows
+from keel.store.scores import sweep_retention
 from keel.tracing import TraceWriter
 
 __all__ = ["KeelApp", "KeelState", "create_app", "effective_models"]
@@ -120,7 +124,19 @@ class KeelApp:
 
 
 # Management API areas beyond keys/projects/teams/usage/traces (keel/server/api.py).
-API_MODULES: tuple[str, ...] = ()
+API_MODULES: tuple[str, ...] = (
+    "keel.server.api_scores",
+    "keel.server.api_export",
+    "keel.server.api_retention",
+    "keel.server.otlp",
+    "keel.server.api_prompts",
+    "keel.server.api_metrics",
+    "keel.server.api_audit",
+    "keel.server.api_sessions",
+    "keel.server.api_evals",
+    "keel.server.api_review",
+    "keel.server.api_users",
+)
 
 
 def create_app(
@@ -157,6 +173,7 @@ def create_app(
         batch_size=settings.trace_batch_size,
         flush_interval_s=settings.trace_flush_interval_s,
         store_bodies=settings.store_bodies,
+        redact_pii=settings.trace_redact_pii,
         on_batch=count_cost,
         process_url=database_url(settings) if settings.trace_writer == "process" else None,
     )
@@ -180,6 +197,10 @@ def create_app(
         SharedHealth(health, settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else None
     )
     gateway = Gateway(settings, keys, models, writer, stats, health)
+    prompts = PromptCache(
+        PromptStore(store.engine), settings.redis_url, settings.key_refresh_s, settings.redis_prefix
+    )
+    gateway.prompts = prompts
     if settings.cache.enabled:
         gateway.cache = _build_cache(settings)
     gateway.limiter = MemoryRateLimiter(window_s=settings.rate_limit_window_s)
@@ -197,24 +218,30 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_log_scrubbing()
+        await asyncio.get_running_loop().run_in_executor(None, _audit_config, store, settings)
         await keys.start()
+        await prompts.start()
         if shared is not None:
             await shared.start()
         writer.start()
         if tune_gc:
             _tune_gc()
-        retention = (
-            asyncio.get_running_loop().create_task(_retention(state)) if settings.retention_days > 0 else None
-        )
+        # always on: projects may set their own retention even when the global one is off
+        retention = asyncio.get_running_loop().create_task(_retention(state))
+        online = _start_online_eval(state, api)
         try:
             yield
         finally:
-            if retention:
-                retention.cancel()
+            retention.cancel()
+            if online is not None:
+                online[0].cancel()
+                await online[1].aclose()
             await writer.stop()
             if shared is not None:
                 await shared.stop()
             await keys.stop()
+            await prompts.stop()
             await models.aclose()
 
     api = FastAPI(
@@ -227,9 +254,11 @@ def create_app(
         openapi_url=None,  # served below, behind auth like every route but /health
     )
     api.state.keel = state
-    api.include_router(build_api_router())
-    for name in API_MODULES:  # further /api areas, each a module exposing build_router() -> APIRouter
+    # further /api areas, each a module exposing build_router() -> APIRouter; included first so their
+    # literal paths (/api/traces/export) win over the core router's /api/traces/{trace_id}
+    for name in API_MODULES:
         api.include_router(importlib.import_module(name).build_router())
+    api.include_router(build_api_router())
     _document_gateway(api)
 
     @api.exception_handler(StarletteHTTPException)
@@ -268,7 +297,42 @@ def create_app(
     from keel.ui import mount_ui
 
     mount_ui(api)
-    return KeelApp(state, api)
+    keel_app = KeelApp(state, api)
+    api.state.keel_app = keel_app  # the online evaluator calls judges through it, in-process
+    return keel_app
+
+
+def _start_online_eval(state: KeelState, api: FastAPI) -> tuple[asyncio.Task[None], Any] | None:
+    """Online evaluation in the background of this process (off the request path); None when off."""
+    if state.settings.online_eval_interval_s <= 0:
+        return None
+    import httpx
+
+    from keel.evals.online import OnlineEvaluator
+
+    http = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=api.state.keel_app),
+        base_url="http://keel",
+        headers={"authorization": f"Bearer {state.master_key}"},
+        timeout=state.settings.upstream_timeout_s,
+    )
+    ev = OnlineEvaluator(
+        state.store,
+        http,
+        interval_s=state.settings.online_eval_interval_s,
+        batch_size=state.settings.online_eval_batch_size,
+        concurrency=state.settings.online_eval_concurrency,
+    )
+    api.state.online_eval = ev
+    state.stats.counters["keel_online_eval_scores"] = (
+        "Scores written by online evaluation rules",
+        lambda: ev.stats.scores_written,
+    )
+    state.stats.counters["keel_online_eval_errors"] = (
+        "Online evaluation outcomes without a value (judge_error, ...)",
+        lambda: ev.stats.errors,
+    )
+    return asyncio.get_running_loop().create_task(ev.run()), http
 
 
 def _build_cache(settings: Settings) -> ResponseCache:
@@ -307,6 +371,45 @@ def _webhook(url: str) -> Any:
     return post
 
 
+def config_sections(settings: Settings) -> dict[str, Any]:
+    """The effective configuration, section by section, with provider keys as fingerprints only."""
+    import hashlib
+
+    def model(m: Any) -> dict[str, Any]:
+        d = m.model_dump(mode="json", exclude={"api_key"})
+        if m.api_key:
+            d["api_key_fingerprint"] = hashlib.sha256(m.api_key.encode()).hexdigest()[:12]
+        return dict(d)
+
+    return {
+        "models": [model(m) for m in settings.models],
+        "routing": settings.routing.model_dump(mode="json"),
+        "cache": settings.cache.model_dump(mode="json"),
+        "guardrails": settings.guardrails.model_dump(mode="json"),
+    }
+
+
+def _audit_config(store: Store, settings: Settings) -> None:
+    """Record a configuration change (models, routing, cache, guardrail policy) in the audit log."""
+    from keel.store import audit
+
+    try:
+        audit.record_config(store, config_sections(settings))
+    except Exception:  # the audit must not keep the server from starting; it is logged loudly
+        log.exception("could not record the configuration in the audit log")
+
+
+def install_log_scrubbing() -> None:
+    """Scrub credentials from every log line keel's process writes (keel's and the server's loggers)."""
+    from keel.errors import SecretScrubFilter
+
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "keel"):
+        lg = logging.getLogger(name)
+        for target in (lg, *lg.handlers):
+            if not any(isinstance(f, SecretScrubFilter) for f in target.filters):
+                target.addFilter(SecretScrubFilter())
+
+
 def _tune_gc() -> None:
     """Keep full collections off the hot path.
 
@@ -335,15 +438,18 @@ def database_url(settings: Settings) -> str:
 
 
 async def _retention(state: KeelState) -> None:
+    """Delete old traces in batches: per-project retention_days, else the global setting."""
     while True:
         try:
-            cutoff = utcnow() - timedelta(days=state.settings.retention_days)
-            n = await asyncio.to_thread(state.store.delete_traces_before, cutoff)
-            if n:
-                log.info("retention: deleted %d traces older than %s", n, cutoff)
+            deleted = await asyncio.to_thread(sweep_retention, state.store, state.settings.retention_days)
+            for pid, n in deleted.items():
+                log.info("retention: deleted %d traces of %s", n, pid or "projects on the global setting")
+            if state.settings.rollup_minute_days > 0:
+                cut = utcnow() - timedelta(days=state.settings.rollup_minute_days)
+                await asyncio.to_thread(prune_minute_rows, state.store.engine, cut)
         except Exception:
             log.exception("retention sweep failed")
-        await asyncio.sleep(3600)
+        await asyncio.sleep(state.settings.retention_interval_s)
 
 
 class ChatCompletionRequest(BaseModel):

@@ -1,11 +1,13 @@
 """Dashboard queries: requests, errors, latency, TTFT, tokens, cost and scores, over time and broken down.
 
-Totals and the model, prompt-version and tag breakdowns read the rollup table (see
-``models_rollups``): a query touches a few thousand rows whatever the number of spans, because a
-time range is covered by day rows in its middle and hour and minute rows at its edges. User and
-session breakdowns are too many-valued to roll up: they rank the groups over the traces table
-(its indexes serve it) and aggregate the top N in SQL. Latency percentiles everywhere come from a
-log-scale histogram (two buckets per doubling, interpolated inside the bucket): approximate.
+Everything reads rollup tables (see ``models_rollups``): a query touches a few thousand rows
+whatever the number of spans, because a time range is covered by day rows in its middle and hour
+and minute rows at its edges. Users and sessions are rolled up by hour and day only (there are too
+many for minute rows): the partial hours at a range's edges, and time series finer than an hour,
+are aggregated from the indexed traces table (its TTFT sum and count included), so every number stays exact. Latency percentiles
+everywhere come from a log-scale histogram (two buckets per doubling, interpolated inside the
+bucket): approximate. The retention sweep may prune old minute rows: a summary whose range starts
+or ends in such an hour is widened to the whole hour (finer-than-hour time series show nothing there).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, literal_column, select, text
+from sqlalchemy import Engine, and_, case, func, literal, literal_column, or_, select, text, union_all
 
-from keel.store.models import Score, Trace
-from keel.store.rollups import GRAINS, HIST_COLUMNS, hist_bounds, prompt_member
+from keel.store.models import Trace
+from keel.store.models_rollups import MetricRollup
+from keel.store.rollups import COARSE_GRAINS, GRAINS, HIST_COLUMNS, hist_bounds
 
 __all__ = [
     "GROUP_BYS",
@@ -51,7 +54,10 @@ SCORE_GROUP_BYS = ("model", "prompt_version")
 MAX_POINTS = 2000
 TARGET_POINTS = 200
 _ROLLUP_DIMS = {"model": "model", "prompt_version": "prompt", "tag": "tag"}
-_RAW_DIMS = {"user": Trace.user_id, "session": Trace.session_id}
+# many-valued dims: hour and day rollup rows, the traces table for partial hours
+_MANY_DIMS = {"user": Trace.user_id, "session": Trace.session_id}
+_SCORE_DIMS = {"model": "model", "prompt_version": "prompt"}
+HOUR = 3600
 _EPOCH = datetime(1970, 1, 1)
 
 
@@ -130,7 +136,22 @@ class _Agg:
     ttft_sum_ms: float = 0.0
     ttft_count: int = 0
     hist: list[float] | None = None
-    raw: bool = False  # from the traces table: no TTFT there
+
+    def add(self, other: _Agg) -> None:
+        """Add another group's (or edge's) sums into this one."""
+        self.requests += other.requests
+        self.errors += other.errors
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost_usd += other.cost_usd
+        self.latency_sum_ms += other.latency_sum_ms
+        self.ttft_sum_ms += other.ttft_sum_ms
+        self.ttft_count += other.ttft_count
+        if other.hist is not None:
+            if self.hist is None:
+                self.hist = [0.0] * len(HIST_COLUMNS)
+            for k, c in enumerate(other.hist):
+                self.hist[k] += c
 
     def row(self) -> dict[str, Any]:
         n = self.requests
@@ -149,9 +170,7 @@ class _Agg:
             "latency_p50_ms": _r3(p50),
             "latency_p95_ms": _r3(p95),
             "latency_p99_ms": _r3(p99),
-            "ttft_avg_ms": (
-                None if self.raw or self.ttft_count == 0 else round(self.ttft_sum_ms / self.ttft_count, 3)
-            ),
+            "ttft_avg_ms": None if self.ttft_count == 0 else round(self.ttft_sum_ms / self.ttft_count, 3),
         }
 
 
@@ -209,11 +228,55 @@ _SUMS = ", ".join(
 )
 
 
+def _pieces_sql(pieces: Sequence[tuple[int, int, int]], params: dict[str, Any]) -> str:
+    """``(grain = g AND bucket in [a, b)) OR ...`` for cover pieces, their values put in ``params``."""
+    ors = []
+    for i, (g, a, b) in enumerate(pieces):
+        ors.append(f"(grain = {int(g)} AND bucket >= :a{i} AND bucket < :b{i})")
+        params[f"a{i}"], params[f"b{i}"] = a, b
+    return "(" + " OR ".join(ors) + ")"
+
+
+def _split_hours(s: int, e: int) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+    """[s, e) as its whole hours (None when there are none) and the partial hours at its edges."""
+    a, b = -(-s // HOUR) * HOUR, e // HOUR * HOUR
+    if a >= b:
+        return None, [(s, e)] if s < e else []
+    return (a, b), [(x, y) for x, y in ((s, a), (b, e)) if x < y]
+
+
 class Metrics:
     """The dashboard queries over one store's engine. Times are naive UTC; ranges are [start, end)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def _oldest_minute(self, table: str) -> int | None:
+        """The bucket of the oldest minute row of a rollup table (older ones are pruned, or were never)."""
+        with self.engine.connect() as conn:
+            # every trace has an ``all`` row: a seek on the (dim, grain, bucket) key
+            v = conn.execute(
+                text(f"SELECT MIN(bucket) FROM {table} WHERE dim = 'all' AND grain = 60")
+            ).scalar()
+        return None if v is None else int(v)
+
+    def _whole_hours_where_pruned(self, s: int, e: int) -> tuple[int, int]:
+        """Widen a partial hour at either end of [s, e) to the whole hour when it has no minute rows
+        left (the retention sweep prunes whole hours): its hour row then answers exactly."""
+        if s % HOUR == 0 and e % HOUR == 0:
+            return s, e
+        oldest = self._oldest_minute("metric_rollups")
+        if oldest is None or s // HOUR * HOUR + HOUR <= oldest:
+            s = s // HOUR * HOUR
+        if oldest is None or e // HOUR * HOUR + HOUR <= oldest:
+            e = -(-e // HOUR) * HOUR
+        return s, e
+
+    def _interval(self, interval: str | None, start: datetime, end: datetime) -> str:
+        chosen = interval or auto_interval(start, end)
+        if chosen not in INTERVALS:
+            raise MetricsError(f"unknown interval {chosen!r}; one of {', '.join(INTERVALS)}")
+        return chosen
 
     # -- rollup reads -----------------------------------------------------------------------------
 
@@ -227,17 +290,14 @@ class Metrics:
         interval: int | None = None,
         members: Iterable[str] | None = None,
         limit: int | None = None,
+        grains: Sequence[int] = GRAINS,
     ) -> list[Any]:
-        grains = [g for g in GRAINS if interval is None or interval % g == 0]
+        grains = [g for g in grains if interval is None or interval % g == 0]
         pieces = _cover(start, end, grains)
         if not pieces:
             return []
         params: dict[str, Any] = {"dim": dim}
-        ors = []
-        for i, (g, a, b) in enumerate(pieces):
-            ors.append(f"(grain = {g} AND bucket >= :a{i} AND bucket < :b{i})")
-            params[f"a{i}"], params[f"b{i}"] = a, b
-        where = [f"dim = :dim AND ({' OR '.join(ors)})"]
+        where = [f"dim = :dim AND {_pieces_sql(pieces, params)}"]
         if project_id is not None:
             where.append("project_id = :project")
             params["project"] = project_id
@@ -258,17 +318,56 @@ class Metrics:
         with self.engine.connect() as conn:
             return list(conn.execute(text(sql), params))
 
-    # -- raw reads (user, session) ----------------------------------------------------------------
+    # -- users and sessions: hour and day rows, the traces table for partial hours ----------------
 
-    def _raw_top(
-        self, col: Any, start: datetime, end: datetime, project_id: str | None, limit: int
-    ) -> list[str]:
-        conds = [Trace.start_time >= start, Trace.start_time < end, col.is_not(None)]
-        if project_id is not None:
-            conds.append(Trace.project_id == project_id)
-        stmt = select(col).where(and_(*conds)).group_by(col).order_by(func.count().desc(), col).limit(limit)
+    def _many_top(self, dim: str, s: int, e: int, project_id: str | None, limit: int) -> list[str]:
+        """The ``limit`` busiest users (or sessions) of [s, e), busiest first, ties by name."""
+        col = _MANY_DIMS[dim]
+        whole, edges = _split_hours(s, e)
+        parts: list[Any] = []
+        if whole is not None:
+            r = MetricRollup.__table__.c
+            pieces = _cover(whole[0], whole[1], COARSE_GRAINS)
+            conds = [
+                r.dim == dim,
+                or_(*(and_(r.grain == g, r.bucket >= a, r.bucket < b) for g, a, b in pieces)),
+            ]
+            if project_id is not None:
+                conds.append(r.project_id == project_id)
+            parts.append(select(r.member.label("g"), r.requests.label("n")).where(*conds))
+        for a, b in edges:
+            conds = [Trace.start_time >= _at(a), Trace.start_time < _at(b), col.is_not(None)]
+            if project_id is not None:
+                conds.append(Trace.project_id == project_id)
+            parts.append(select(col.label("g"), literal(1).label("n")).where(*conds))
+        if not parts:
+            return []
+        u = union_all(*parts).subquery()
+        total = func.sum(u.c.n)
+        stmt = select(u.c.g).group_by(u.c.g).having(total > 0).order_by(total.desc(), u.c.g).limit(limit)
         with self.engine.connect() as conn:
-            return [r[0] for r in conn.execute(stmt)]
+            return [row[0] for row in conn.execute(stmt)]
+
+    def _many_aggs(
+        self, dim: str, groups: list[str], s: int, e: int, project_id: str | None
+    ) -> dict[str, _Agg]:
+        """Whole-range sums of the given users (or sessions): rollup rows plus the partial hours."""
+        out: dict[str, _Agg] = {g: _Agg(hist=[0.0] * len(HIST_COLUMNS)) for g in groups}
+        whole, edges = _split_hours(s, e)
+        if whole is not None:
+            for r in self._rollup_rows(
+                dim=dim,
+                start=whole[0],
+                end=whole[1],
+                project_id=project_id,
+                members=groups,
+                grains=COARSE_GRAINS,
+            ):
+                out[r.member].add(_agg_from_rollup(r))
+        for a, b in edges:
+            for (g, _t), agg in self._raw_aggs(_MANY_DIMS[dim], groups, _at(a), _at(b), project_id).items():
+                out[g].add(agg)
+        return out
 
     def _raw_aggs(
         self,
@@ -279,20 +378,17 @@ class Metrics:
         project_id: str | None,
         step: int | None = None,
     ) -> dict[tuple[str, int], _Agg]:
-        """Sums and a latency histogram per group (and per ``step`` bucket), aggregated in SQL."""
+        """Sums, a latency histogram and TTFT per group (and per ``step`` bucket) from the traces table."""
         if not groups:
             return {}
         conds = [col.in_(groups), Trace.start_time >= start, Trace.start_time < end]
         if project_id is not None:
             conds.append(Trace.project_id == project_id)
         hb: Any = literal_column(_HIST_CASE).label("hb")
-        keys: list[Any] = [col.label("g"), hb]
-        if step is not None:
-            keys.append(
-                literal_column(f"({_epoch_sql(self.engine.dialect.name)} / {int(step)}) * {int(step)}").label(
-                    "tb"
-                )
-            )
+        tb: Any = literal_column(
+            f"({_epoch_sql(self.engine.dialect.name)} / {int(step or 1)}) * {int(step or 1)}"
+        ).label("tb")
+        keys: list[Any] = [col.label("g"), hb] + ([tb] if step is not None else [])
         stmt = (
             select(
                 *keys,
@@ -302,6 +398,8 @@ class Metrics:
                 func.sum(Trace.output_tokens).label("output_tokens"),
                 func.sum(Trace.cost_usd).label("cost_usd"),
                 func.sum(Trace.latency_ms).label("latency"),
+                func.sum(Trace.ttft_sum_ms).label("ttft_total"),
+                func.sum(Trace.ttft_count).label("ttft_n"),
             )
             .where(and_(*conds))
             .group_by(*keys)
@@ -312,7 +410,7 @@ class Metrics:
                 key = (r.g, int(r.tb) if step is not None else 0)
                 agg = out.get(key)
                 if agg is None:
-                    agg = out[key] = _Agg(hist=[0.0] * len(HIST_COLUMNS), raw=True)
+                    agg = out[key] = _Agg(hist=[0.0] * len(HIST_COLUMNS))
                 agg.requests += int(r.n)
                 agg.errors += int(r.errors or 0)
                 agg.input_tokens += int(r.input_tokens or 0)
@@ -321,6 +419,8 @@ class Metrics:
                 agg.latency_sum_ms += float(r.latency or 0.0)
                 assert agg.hist is not None
                 agg.hist[int(r.hb)] += int(r.n)
+                agg.ttft_sum_ms += float(r.ttft_total or 0.0)
+                agg.ttft_count += int(r.ttft_n or 0)
         return out
 
     # -- public queries ---------------------------------------------------------------------------
@@ -334,12 +434,14 @@ class Metrics:
         group_by: str | None = None,
         limit: int = 10,
     ) -> dict[str, Any]:
-        """Totals over [start, end) (widened to whole minutes) and, with ``group_by``, the top groups."""
+        """Totals over [start, end) (widened to whole minutes; to whole hours where minute rows were
+        pruned) and, with ``group_by``, the top groups."""
         if group_by is not None and group_by not in GROUP_BYS:
             raise MetricsError(f"cannot group by {group_by!r}; one of {', '.join(GROUP_BYS)}")
         s, e = _epoch(start) // 60 * 60, -(-_epoch(end) // 60) * 60
         if e <= s:
             raise MetricsError("'end' must be after 'start'")
+        s, e = self._whole_hours_where_pruned(s, e)
         totals = self._rollup_rows(dim="all", start=s, end=e, project_id=project_id)
         out: dict[str, Any] = {
             "start": _at(s),
@@ -352,11 +454,10 @@ class Metrics:
             dim = _ROLLUP_DIMS[group_by]
             rows = self._rollup_rows(dim=dim, start=s, end=e, project_id=project_id, limit=limit)
             out["groups"] = [{"group": _member_label(r.member), **_agg_from_rollup(r).row()} for r in rows]
-        elif group_by in _RAW_DIMS:
-            col = _RAW_DIMS[group_by]
-            top = self._raw_top(col, _at(s), _at(e), project_id, limit)
-            aggs = self._raw_aggs(col, top, _at(s), _at(e), project_id)
-            out["groups"] = [{"group": g, **aggs.get((g, 0), _Agg(raw=True)).row()} for g in top]
+        elif group_by in _MANY_DIMS:
+            top = self._many_top(group_by, s, e, project_id, limit)
+            aggs = self._many_aggs(group_by, top, s, e, project_id)
+            out["groups"] = [{"group": g, **aggs[g].row()} for g in top]
         return out
 
     def timeseries(
@@ -376,9 +477,7 @@ class Metrics:
         """
         if group_by is not None and group_by not in GROUP_BYS:
             raise MetricsError(f"cannot group by {group_by!r}; one of {', '.join(GROUP_BYS)}")
-        interval = interval or auto_interval(start, end)
-        if interval not in INTERVALS:
-            raise MetricsError(f"unknown interval {interval!r}; one of {', '.join(INTERVALS)}")
+        interval = self._interval(interval, start, end)
         step = INTERVALS[interval]
         s, e = _epoch(start) // step * step, -(-_epoch(end) // step) * step
         if e <= s:
@@ -389,12 +488,19 @@ class Metrics:
             )
         buckets = list(range(s, e, step))
         series: dict[str | None, dict[int, _Agg]] = {}
-        if group_by in _RAW_DIMS:
-            col = _RAW_DIMS[group_by]
-            top = self._raw_top(col, _at(s), _at(e), project_id, limit)
+        if group_by in _MANY_DIMS:
+            top = self._many_top(group_by, s, e, project_id, limit)
             series = {g: {} for g in top}
-            for (g, t), agg in self._raw_aggs(col, top, _at(s), _at(e), project_id, step).items():
-                series[g][t] = agg
+            if step % HOUR == 0:  # whole hours: the rollup rows alone
+                for r in self._rollup_rows(
+                    dim=group_by, start=s, end=e, project_id=project_id, interval=step, members=top,
+                    grains=COARSE_GRAINS,
+                ):  # fmt: skip
+                    series[r.member][int(r.tb)] = _agg_from_rollup(r)
+            else:
+                col = _MANY_DIMS[group_by]
+                for (g, t), agg in self._raw_aggs(col, top, _at(s), _at(e), project_id, step).items():
+                    series[g][t] = agg
         else:
             dim = "all" if group_by is None else _ROLLUP_DIMS[group_by]
             members: list[str] | None = None
@@ -408,17 +514,13 @@ class Metrics:
                 dim=dim, start=s, end=e, project_id=project_id, interval=step, members=members
             ):
                 series[_member_label(r.member)][int(r.tb)] = _agg_from_rollup(r)
-        raw = group_by in _RAW_DIMS
         return {
             "start": _at(s),
             "end": _at(e),
             "interval": interval,
             "group_by": group_by,
             "series": [
-                {
-                    "group": g,
-                    "points": [{"t": _at(t), **points.get(t, _Agg(raw=raw)).row()} for t in buckets],
-                }
+                {"group": g, "points": [{"t": _at(t), **points.get(t, _Agg()).row()} for t in buckets]}
                 for g, points in series.items()
             ],
         }
@@ -435,13 +537,11 @@ class Metrics:
     ) -> dict[str, Any]:
         """Per score name: count, mean/min/max (numeric and boolean), label counts (categorical), the
         mean per time bucket, and with ``group_by`` (model or prompt_version) the mean per group.
-        Scores are placed in time by when they were created.
+        Scores are placed in time by when they were created. Read from the score rollups.
         """
         if group_by is not None and group_by not in SCORE_GROUP_BYS:
             raise MetricsError(f"cannot group scores by {group_by!r}; one of {', '.join(SCORE_GROUP_BYS)}")
-        interval = interval or auto_interval(start, end)
-        if interval not in INTERVALS:
-            raise MetricsError(f"unknown interval {interval!r}; one of {', '.join(INTERVALS)}")
+        interval = self._interval(interval, start, end)
         step = INTERVALS[interval]
         s, e = _epoch(start) // step * step, -(-_epoch(end) // step) * step
         if e <= s:
@@ -450,36 +550,28 @@ class Metrics:
             raise MetricsError(
                 f"{(e - s) // step} points of {interval} is more than {MAX_POINTS}; use a coarser interval"
             )
-        conds: list[Any] = [Score.created_at >= _at(s), Score.created_at < _at(e)]
+        params: dict[str, Any] = {}
+        pieces = _cover(s, e, [g for g in GRAINS if step % g == 0])
+        where = [_pieces_sql(pieces, params)]
         if project_id is not None:
-            conds.append(Score.project_id == project_id)
+            where.append("project_id = :project")
+            params["project"] = project_id
         if name is not None:
-            conds.append(Score.name == name)
-        where = and_(*conds)
-        bucket: Any = literal_column(
-            f"({_epoch_sql(self.engine.dialect.name, 'scores.created_at')} / {step}) * {step}"
-        )
-        # one scan: per name, type, label and bucket; the stats, labels and points are summed up here
-        cells = (
-            select(
-                Score.name,
-                Score.data_type,
-                Score.string_value,
-                bucket.label("tb"),
-                func.count().label("n"),
-                func.count(Score.value).label("nv"),
-                func.sum(Score.value).label("total"),
-                func.min(Score.value).label("min"),
-                func.max(Score.value).label("max"),
-            )
-            .where(where)
-            .group_by(Score.name, Score.data_type, Score.string_value, bucket)
+            where.append("name = :name")
+            params["name"] = name
+        cells = text(
+            f"SELECT name, data_type, label, (bucket / {step}) * {step} AS tb, SUM(n) AS n, SUM(nv) AS nv, "
+            "SUM(total) AS total, MIN(vmin) AS min, MAX(vmax) AS max FROM score_rollups "
+            f"WHERE dim = 'all' AND {' AND '.join(where)} GROUP BY name, data_type, label, tb"
         )
         out: dict[str, dict[str, Any]] = {}
         sums: dict[str, list[float]] = {}  # name -> [count of values, sum of values]
         buckets: dict[str, dict[int, list[float]]] = {}  # name -> bucket -> [count, count of values, sum]
         with self.engine.connect() as conn:
-            for r in conn.execute(cells):
+            for r in conn.execute(cells, params):
+                n, nv, total = int(r.n or 0), int(r.nv or 0), float(r.total or 0.0)
+                if n <= 0:
+                    continue
                 item = out.get(r.name)
                 if item is None:
                     item = out[r.name] = {
@@ -494,41 +586,36 @@ class Metrics:
                         "groups": [],
                     }
                     sums[r.name] = [0, 0.0]
-                n, nv, total = int(r.n), int(r.nv or 0), float(r.total or 0.0)
                 item["count"] += n
                 if r.data_type == "categorical":
-                    label = r.string_value or ""
-                    item["labels"][label] = item["labels"].get(label, 0) + n
+                    item["labels"][r.label] = item["labels"].get(r.label, 0) + n
                 if nv:
                     sums[r.name][0] += nv
                     sums[r.name][1] += total
-                    lo, hi = float(r.min), float(r.max)
-                    item["min"] = lo if item["min"] is None else min(item["min"], lo)
-                    item["max"] = hi if item["max"] is None else max(item["max"], hi)
+                    if r.min is not None:
+                        lo, hi = float(r.min), float(r.max)
+                        item["min"] = lo if item["min"] is None else min(item["min"], lo)
+                        item["max"] = hi if item["max"] is None else max(item["max"], hi)
                 cell = buckets.setdefault(r.name, {}).setdefault(int(r.tb), [0, 0, 0.0])
                 cell[0] += n
                 cell[1] += nv
                 cell[2] += total
             if group_by is not None:
-                keys: list[Any] = (
-                    [Trace.model] if group_by == "model" else [Trace.prompt_name, Trace.prompt_version]
+                grouped = text(
+                    "SELECT name, member, SUM(n) AS n, SUM(nv) AS nv, SUM(total) AS total FROM score_rollups "
+                    f"WHERE dim = :dim AND {' AND '.join(where)} GROUP BY name, member HAVING SUM(n) > 0 "
+                    "ORDER BY name, SUM(n) DESC, member"
                 )
-                grouped = (
-                    select(Score.name, *keys, func.count().label("n"), func.avg(Score.value).label("avg"))
-                    .join(Trace, Trace.trace_id == Score.trace_id)
-                    .where(where)
-                    .group_by(Score.name, *keys)
-                    .order_by(Score.name, func.count().desc())
-                )
-                for r in conn.execute(grouped):
-                    group = r.model if group_by == "model" else prompt_member(r.prompt_name, r.prompt_version)
-                    out[r.name]["groups"].append(
-                        {
-                            "group": group or None,
-                            "count": int(r.n),
-                            "avg": None if r.avg is None else float(r.avg),
-                        }
-                    )
+                for r in conn.execute(grouped, {**params, "dim": _SCORE_DIMS[group_by]}):
+                    if r.name in out:
+                        nv = int(r.nv or 0)
+                        out[r.name]["groups"].append(
+                            {
+                                "group": r.member or None,
+                                "count": int(r.n),
+                                "avg": float(r.total) / nv if nv else None,
+                            }
+                        )
         for nm, item in out.items():
             values, value_sum = sums[nm]
             item["avg"] = value_sum / values if values else None

@@ -28,6 +28,8 @@ class Project(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     limits: Mapped[dict[str, Any] | None] = mapped_column(JSONVariant, nullable=True)
+    # days of traces kept for this project; None follows the global retention_days, 0 keeps forever
+    retention_days: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Team(Base):
@@ -63,6 +65,10 @@ class ApiKey(Base):
     )
     end_user: Mapped[str | None] = mapped_column(String(256), nullable=True)
     limits: Mapped[dict[str, Any] | None] = mapped_column(JSONVariant, nullable=True)
+    # "secret" (sk-keel-: gateway and API) or "public" (pk-keel-: end-user feedback only, safe in a browser)
+    kind: Mapped[str] = mapped_column(String(16), default="secret", server_default="secret")
+    # what the key may do (keel.types.SCOPES); NULL: the default gateway, ingest, read (migration 0011)
+    scopes: Mapped[list[str] | None] = mapped_column(JSONVariant, nullable=True)
 
 
 class Trace(Base):
@@ -91,15 +97,37 @@ class Trace(Base):
     span_count: Mapped[int] = mapped_column(Integer, default=0)
     prompt_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     prompt_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # time to first token of the trace's streamed LLM spans (sum and count; NULL: none), for dashboards
+    ttft_sum_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         Index("ix_traces_project_start", "project_id", "start_time"),
         Index("ix_traces_start", "start_time"),
         Index("ix_traces_model_start", "model", "start_time"),
         Index("ix_traces_status_start", "status", "start_time"),
-        Index("ix_traces_user_start", "user_id", "start_time"),
-        Index("ix_traces_session", "session_id"),
         Index("ix_traces_prompt_start", "prompt_name", "prompt_version", "start_time"),
+        # trace explorer filters (migration 0005): each equality filter keeps newest-first order
+        Index("ix_traces_session_start", "session_id", "start_time"),
+        # the user filter, and covering for the per-user totals of /api/users (an index-only scan)
+        Index(
+            "ix_traces_user_cover",
+            "user_id",
+            "start_time",
+            "project_id",
+            "session_id",
+            "status",
+            "model",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+        ),
+        Index("ix_traces_name_start", "name", "start_time"),
+        Index("ix_traces_key_start", "key_id", "start_time"),
+        Index("ix_traces_team_start", "team_id", "start_time"),
+        Index("ix_traces_provider_start", "provider", "start_time"),
+        Index("ix_traces_latency", "latency_ms"),
+        Index("ix_traces_cost", "cost_usd"),
     )
 
 
@@ -110,8 +138,10 @@ class TraceTag(Base):
 
     trace_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tag: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # the trace's start_time, kept equal by the writer: the tag filter's newest-first page is an index walk
+    start_time: Mapped[datetime] = mapped_column(DateTime)
 
-    __table_args__ = (Index("ix_trace_tags_tag", "tag", "trace_id"),)
+    __table_args__ = (Index("ix_trace_tags_tag_start", "tag", "start_time", "trace_id", unique=True),)
 
 
 class Span(Base):
@@ -177,4 +207,5 @@ class Score(Base):
     __table_args__ = (
         Index("ix_scores_trace", "trace_id"),
         Index("ix_scores_project_name_created", "project_id", "name", "created_at"),
+        Index("ix_scores_project_created", "project_id", "created_at"),
     )

@@ -19,12 +19,16 @@ class Prompt(Base):
     __tablename__ = "prompts"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # prompts are per project: keys see, and the gateway resolves, their own project's prompts
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
     type: Mapped[str] = mapped_column(String(16))  # text | chat
     latest_version: Mapped[int] = mapped_column(Integer, default=0)
     protected_labels: Mapped[list[str] | None] = mapped_column(JSONVariant, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ux_prompts_project_name", "project_id", "name", unique=True),)
 
 
 class PromptVersion(Base):

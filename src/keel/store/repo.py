@@ -807,11 +807,13 @@ def _follow_changed(
 def delete_trace_rows(s: Session, ids: list[str]) -> None:
     """Delete traces by id with everything stored about them (scores, spans, search text, tags)."""
     # the metric and score rollups are left as they are: dashboards keep the history (docs/observability.md)
+    # the trace rows first: their row locks wait for scores being added (which hold FOR SHARE on
+    # the trace), so the score delete below sees them and none is left behind
+    s.execute(delete(Trace).where(Trace.trace_id.in_(ids)))
     s.execute(delete(Score).where(Score.trace_id.in_(ids)))
     s.execute(delete(Span).where(Span.trace_id.in_(ids)))
     delete_text(s.connection(), ids)
     s.execute(delete(TraceTag).where(TraceTag.trace_id.in_(ids)))
-    s.execute(delete(Trace).where(Trace.trace_id.in_(ids)))
 
 
 def _sqlite_time(v: datetime | None) -> str | None:
@@ -921,6 +923,8 @@ def _new_summary(sp: dict[str, Any]) -> dict[str, Any]:
         "span_count": 0,
         "prompt_name": None,
         "prompt_version": None,
+        "ttft_sum_ms": None,
+        "ttft_count": None,
     }
 
 
@@ -948,6 +952,9 @@ def _fold(t: dict[str, Any], sp: dict[str, Any]) -> None:
     ):
         if t[col] is None and sp.get(key) is not None:
             t[col] = sp[key]
+    if sp["kind"] == "llm" and sp.get("ttft_ms") is not None:
+        t["ttft_sum_ms"] = (t.get("ttft_sum_ms") or 0.0) + sp["ttft_ms"]
+        t["ttft_count"] = (t.get("ttft_count") or 0) + 1
     if sp["kind"] in ("llm", "embedding"):
         t["model"] = t["model"] or sp.get("requested_model") or sp.get("model")
         t["provider"] = t["provider"] or sp.get("provider")

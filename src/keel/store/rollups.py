@@ -4,7 +4,9 @@ A trace counts once, in the minute it started. When later spans change a stored 
 status, tokens, start, model...), the old contribution is subtracted and the new one added, so
 the rollups always equal an aggregate of the traces table. Each minute's delta is added to the
 minute, hour and day rows at once (an upsert per touched row, rows sorted so concurrent writers
-lock them in the same order).
+lock them in the same order). Users and sessions are too many for minute rows: they get hour and
+day rows only (``COARSE_GRAINS``); the reader takes the partial hours at a range's edges from the
+traces table.
 """
 
 from __future__ import annotations
@@ -14,23 +16,27 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, Engine, delete, func, select
 
 from keel.store.models import Span, Trace
-from keel.store.models_rollups import HIST_BUCKETS, MetricRollup
+from keel.store.models_rollups import HIST_BUCKETS, MetricRollup, ScoreRollup
 
 __all__ = [
+    "COARSE_GRAINS",
     "GRAINS",
     "HIST_COLUMNS",
     "MEASURES",
     "hist_bounds",
     "hist_bucket",
     "prompt_member",
+    "prune_minute_rows",
     "rebuild_rollups",
     "record_rollups",
 ]
 
 GRAINS = (60, 3600, 86400)
+COARSE_GRAINS = (3600, 86400)  # the grains of the many-valued dims, user and session
+MINUTE_DIMS = ("all", "model", "prompt", "tag")  # the dims with minute rows
 HIST_COLUMNS = tuple(f"h{k:02d}" for k in range(HIST_BUCKETS))
 MEASURES = (
     "requests",
@@ -48,7 +54,8 @@ _TTFT_SUM = MEASURES.index("ttft_sum_ms")
 _KEY = ("grain", "bucket", "project_id", "dim", "member")
 _EPOCH = datetime(1970, 1, 1)
 
-Cell = tuple[int, str, str, str, tuple[str, ...]]  # (minute, project_id, model, prompt, tags)
+# (minute, project_id, model, prompt, tags, user, session)
+Cell = tuple[int, str, str, str, tuple[str, ...], str, str]
 
 
 def hist_bucket(ms: float) -> int:
@@ -84,6 +91,8 @@ def _cell(t: Mapping[str, Any]) -> Cell:
         t.get("model") or "",
         prompt_member(t.get("prompt_name"), t.get("prompt_version")),
         tuple(t.get("tags") or ("",)),
+        t.get("user_id") or "",
+        t.get("session_id") or "",
     )
 
 
@@ -91,7 +100,7 @@ def _vec(acc: dict[Cell, list[float]], t: Mapping[str, Any]) -> list[float]:
     cell = _cell(t)
     vec = acc.get(cell)
     if vec is None:
-        vec = acc[cell] = [0.0] * len(MEASURES)
+        vec = acc[cell] = list(_ZERO)
     return vec
 
 
@@ -101,8 +110,8 @@ def _add(acc: dict[Cell, list[float]], t: Mapping[str, Any], sign: int) -> None:
     vec[0] += sign
     if t.get("status") == "error":
         vec[1] += sign
-    vec[2] += sign * (t.get("input_tokens") or 0)
-    vec[3] += sign * (t.get("output_tokens") or 0)
+    vec[2] += sign * int(t.get("input_tokens") or 0)
+    vec[3] += sign * int(t.get("output_tokens") or 0)
     vec[4] += sign * (t.get("cost_usd") or 0.0)
     vec[5] += sign * latency
     vec[_H0 + hist_bucket(latency)] += sign
@@ -140,7 +149,7 @@ def record_rollups(
 def _add_ttft(acc: dict[Cell, list[float]], t: Mapping[str, Any], total: float, count: int) -> None:
     vec = _vec(acc, t)
     vec[_TTFT_SUM] += total
-    vec[_TTFT_SUM + 1] += count
+    vec[_TTFT_SUM + 1] += int(count)
 
 
 def _stored_ttft(
@@ -163,31 +172,30 @@ def _stored_ttft(
 
 def _upsert(conn: Connection, acc: dict[Cell, list[float]]) -> None:
     rows: dict[tuple[int, int, str, str, str], list[float]] = {}
-    for (minute, project, model, prompt, tags), vec in acc.items():
-        if not any(vec):  # a changed trace whose old and new contributions cancel
+    for (minute, project, model, prompt, tags, user, session), vec in acc.items():
+        nonzero = [(i, v) for i, v in enumerate(vec) if v]  # a few of the 48 measures: add only those
+        if not nonzero:  # a changed trace whose old and new contributions cancel
             continue
         members = [("all", ""), ("model", model), ("prompt", prompt), *(("tag", tag) for tag in tags)]
+        coarse = [*members, *((d, m) for d, m in (("user", user), ("session", session)) if m)]
         for grain in GRAINS:
             bucket = minute // grain * grain
-            for dim, member in members:
+            for dim, member in coarse if grain in COARSE_GRAINS else members:
                 key = (grain, bucket, project, dim, member)
                 have = rows.get(key)
                 if have is None:
-                    rows[key] = list(vec)
-                else:
-                    for i, v in enumerate(vec):
-                        if v:
-                            have[i] += v
+                    have = rows[key] = list(_ZERO)
+                for i, v in nonzero:
+                    have[i] += v
     if not rows:
         return
-    params = [
-        (*key, *(int(v) if i not in _FLOATS else v for i, v in enumerate(vec)))
-        for key, vec in sorted(rows.items())
-    ]
+    # integer measures stay Python ints (_ZERO), the three sums floats: no conversion per value here
+    params = [(*key, *vec) for key, vec in sorted(rows.items())]
     conn.exec_driver_sql(_upsert_sql(conn.dialect.name), params)
 
 
 _FLOATS = {MEASURES.index("cost_usd"), MEASURES.index("latency_sum_ms"), MEASURES.index("ttft_sum_ms")}
+_ZERO: list[float] = [0.0 if i in _FLOATS else 0 for i in range(len(MEASURES))]
 _SQL: dict[str, str] = {}
 
 
@@ -213,7 +221,7 @@ def rebuild_rollups(conn: Connection, batch: int = 5000) -> int:
     t = Trace.__table__.c
     trace_cols = [
         t.trace_id, t.start_time, t.project_id, t.model, t.prompt_name, t.prompt_version, t.tags,
-        t.status, t.input_tokens, t.output_tokens, t.cost_usd, t.latency_ms,
+        t.user_id, t.session_id, t.status, t.input_tokens, t.output_tokens, t.cost_usd, t.latency_ms,
     ]  # fmt: skip
     count = 0
     last = ""
@@ -238,3 +246,30 @@ def rebuild_rollups(conn: Connection, batch: int = 5000) -> int:
         ]
         record_rollups(conn, rows, (), spans, by_id)
         count += len(rows)
+
+
+def prune_minute_rows(engine: Engine, before: datetime, *, step: int = 3600) -> int:
+    """Delete the minute rows (grain 60) of the metric and score rollups older than ``before``
+    (from the start of its hour: the readers fall back to hour rows there), an hour of buckets per
+    transaction so the trace writer is never held up for long. Returns how many rows went.
+    """
+    cut = _minute(before) // 3600 * 3600
+    count = 0
+    for model, dims in ((MetricRollup, MINUTE_DIMS), (ScoreRollup, ("all", "model", "prompt"))):
+        c = model.__table__.c
+        while True:
+            with engine.begin() as conn:
+                # every trace (score) has an ``all`` row: its oldest minute is the table's oldest
+                oldest = conn.execute(
+                    select(func.min(c.bucket)).where(c.dim == "all", c.grain == 60, c.bucket < cut)
+                ).scalar()
+                if oldest is None:
+                    break
+                a = int(oldest) // step * step
+                res = conn.execute(
+                    delete(model).where(
+                        c.dim.in_(dims), c.grain == 60, c.bucket >= a, c.bucket < min(a + step, cut)
+                    )
+                )
+                count += res.rowcount or 0
+    return count

@@ -16,7 +16,8 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from keel.store.models import Project, Score, Span, Trace
-from keel.store.repo import Store, delete_trace_rows, iso, utcnow
+from keel.store.repo import Store, bulk_insert, delete_trace_rows, iso, utcnow
+from keel.store.score_rollups import record_scores, trace_members
 
 __all__ = [
     "DATA_TYPES",
@@ -25,6 +26,7 @@ __all__ = [
     "add_score",
     "delete_project_traces_before",
     "delete_score",
+    "insert_scores",
     "list_scores",
     "project_retention",
     "score_dict",
@@ -73,6 +75,19 @@ def score_dict(s: Score) -> dict[str, Any]:
     }
 
 
+def _score_row(s: Score) -> dict[str, Any]:
+    """The columns the score rollups need."""
+    return {
+        "trace_id": s.trace_id,
+        "project_id": s.project_id,
+        "name": s.name,
+        "data_type": s.data_type,
+        "value": s.value,
+        "string_value": s.string_value,
+        "created_at": s.created_at,
+    }
+
+
 def _span_exists(s: Session, trace_id: str, span_id: str) -> bool:
     stmt = select(Span.id).where(Span.trace_id == trace_id, Span.span_id == span_id).limit(1)
     return s.execute(stmt).first() is not None
@@ -110,7 +125,11 @@ def add_score(
             raise ValueError("a categorical score needs a string label")
         label = value
     with Session(store.engine) as s, s.begin():
-        row = s.execute(select(Trace.project_id).where(Trace.trace_id == trace_id)).first()
+        # FOR SHARE: a retention sweep deleting this trace waits for the score, then deletes it too
+        # (delete_trace_rows deletes the trace row first); a score after the sweep finds no trace
+        row = s.execute(
+            select(Trace.project_id).where(Trace.trace_id == trace_id).with_for_update(read=True)
+        ).first()
         if row is None or (project_id is not None and row[0] != project_id):
             return None
         if span_id is not None and not _span_exists(s, trace_id, span_id):
@@ -131,7 +150,21 @@ def add_score(
         )
         s.add(score)
         s.flush()
+        # read the trace's model and prompt now, holding it: the writer cannot move them in between
+        conn = s.connection()
+        record_scores(conn, [_score_row(score)], trace_members(conn, [trace_id], lock=True))
         return score_dict(score)
+
+
+def insert_scores(store: Store, rows: list[dict[str, Any]], *, batch: int = 5000) -> int:
+    """Bulk-load scores (dicts of the ``scores`` columns, e.g. an import or a benchmark), keeping the
+    score rollups; unlike ``add_score`` nothing is validated. Returns how many were written."""
+    for k in range(0, len(rows), batch):
+        chunk = rows[k : k + batch]
+        with store.engine.begin() as conn:
+            bulk_insert(conn, Score.__table__, chunk)
+            record_scores(conn, chunk, trace_members(conn, (r["trace_id"] for r in chunk), lock=True))
+    return len(rows)
 
 
 def trace_scores(store: Store, trace_id: str) -> list[dict[str, Any]]:
@@ -197,7 +230,11 @@ def delete_score(store: Store, score_id: str, project_id: str | None = None) -> 
         if score is None or (project_id is not None and score.project_id != project_id):
             return None
         out = score_dict(score)
+        row = _score_row(score)
         s.delete(score)
+        s.flush()
+        conn = s.connection()
+        record_scores(conn, [row], trace_members(conn, [score.trace_id], lock=True), sign=-1)
         return out
 
 

@@ -15,21 +15,38 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jinja2
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from keel.server.access import check_method
 from keel.store import TraceFilter, utcnow
+from keel.store.access import revoke_session
+from keel.store.scores import trace_scores
+from keel.store.search import parse_query
 from keel.types import Principal
 from keel.ui import views
+from keel.ui.account import SESSION_COOKIE, SESSION_TTL, password_login, projects_of, session_principal
 from keel.ui.context import UIContext
 
 __all__ = ["COOKIE", "PAGE_MODULES", "UIContext", "mount_ui"]
 
 # Page modules beyond the trace explorer: each exposes build(ui: UIContext) -> APIRouter.
-PAGE_MODULES: tuple[str, ...] = ("keel.ui.cost",)
+PAGE_MODULES: tuple[str, ...] = (
+    "keel.ui.cost",
+    "keel.ui.dashboards",
+    "keel.ui.prompts",
+    "keel.ui.sessions",
+    "keel.ui.account",
+    "keel.ui.review",
+    "keel.ui.evals",
+)
 
 COOKIE = "keel_key"
+# further trace explorer filters (text, then numbers); full-text search is "q"
+EXPLORER_TEXT_KEYS = ("q", "session", "name", "key", "team", "provider", "prompt")
+EXPLORER_NUMBER_KEYS = ("prompt_version", "min_latency_ms", "max_latency_ms", "min_cost_usd", "max_cost_usd")
+EXPLORER_KEYS = EXPLORER_TEXT_KEYS + EXPLORER_NUMBER_KEYS
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
 TEMPLATE_DIR = HERE / "templates"
@@ -42,7 +59,7 @@ RANGES: dict[str, tuple[str, timedelta]] = {
     "24h": ("Last 24 h", timedelta(hours=24)),
     "7d": ("Last 7 days", timedelta(days=7)),
 }
-FILTER_KEYS = ("model", "status", "user", "tag", "project", "range", "start", "end", "limit")
+FILTER_KEYS = ("model", "status", "user", "tag", "project", "range", "start", "end", "limit", *EXPLORER_KEYS)
 
 _SECURITY_HEADERS = {
     "content-security-policy": (
@@ -99,11 +116,25 @@ def _state(request: Request) -> Any:
 
 
 def _principal(request: Request) -> Principal | None:
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:  # a signed-in user: their role in the project they are looking at
+        user = session_principal(_state(request), token)
+        if user is not None:
+            return user
     key = request.cookies.get(COOKIE)
     if not key:
         return None
     p: Principal | None = _state(request).keys.lookup(key)
     return p
+
+
+def _ui_writer(request: Request) -> None:
+    """A form post by a signed-in principal that may change nothing (a viewer, a read-only key): 403."""
+    if request.method in ("GET", "HEAD") or request.url.path.startswith("/account/"):
+        return
+    p = _principal(request)
+    if p is not None:
+        check_method(p, request.method)
 
 
 def _safe_next(value: str | None) -> str:
@@ -121,6 +152,8 @@ def _to_login(request: Request) -> Response:
     resp = RedirectResponse(target, status_code=303)
     if request.cookies.get(COOKIE):  # a stale (revoked) key: drop it
         resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    if request.cookies.get(SESSION_COOKIE):  # an ended session (expired, revoked, user disabled)
+        resp.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return resp
 
 
@@ -128,6 +161,16 @@ def _who(request: Request, p: Principal) -> dict[str, Any]:
     if p.is_master:
         return {"label": "Master key", "detail": "all projects", "is_master": True}
     project = _state(request).store.get_project(p.project_id) if p.project_id else None
+    if p.user_name is not None:
+        role = "owner" if p.is_owner else (p.role or "no role")
+        return {
+            "label": p.user_name,
+            "detail": f"{role} · project {project['name']}" if project else role,
+            "is_master": False,
+            "role": role,
+            "project_id": p.project_id,
+            "projects": projects_of(_state(request), request.cookies.get(SESSION_COOKIE, "")),
+        }
     return {
         "label": p.name or "virtual key",
         "detail": f"project {project['name']}" if project else "virtual key",
@@ -156,6 +199,28 @@ def _parse_when(value: str | None) -> datetime | None:
     return dt
 
 
+def _explorer_numbers(params: dict[str, str], notices: list[str]) -> dict[str, float]:
+    """The numeric filters that parse (non-negative); the others are dropped with a notice."""
+    out: dict[str, float] = {}
+    for name in EXPLORER_NUMBER_KEYS:
+        if name not in params:
+            continue
+        try:
+            value = float(params[name])
+            if value < 0 or value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(name)
+            if name == "prompt_version" and not value.is_integer():
+                raise ValueError(name)
+        except ValueError:
+            notices.append(
+                f"{name.replace('_', ' ').capitalize()} {params[name]!r} is not a valid number; ignored."
+            )
+            params.pop(name)
+            continue
+        out[name] = value
+    return out
+
+
 def _traces_url(params: dict[str, str], **changes: str | None) -> str:
     merged = {**params, **changes}
     clean = {k: v for k, v in merged.items() if v not in (None, "")}
@@ -176,9 +241,9 @@ def mount_ui(api: FastAPI) -> None:
         return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
 
     def login_page(
-        request: Request, *, error: str | None = None, next_url: str = "", status: int = 200
+        request: Request, *, error: str | None = None, next_url: str = "", status: int = 200, tab: str = "key"
     ) -> HTMLResponse:
-        return render(request, "login.html", status=status, error=error, next_url=next_url, who=None)
+        return render(request, "login.html", status=status, error=error, next_url=next_url, who=None, tab=tab)
 
     @router.get("/")
     def home(request: Request) -> Response:
@@ -189,7 +254,8 @@ def mount_ui(api: FastAPI) -> None:
         nxt = request.query_params.get("next", "")
         if _principal(request) is not None:
             return RedirectResponse(_safe_next(nxt), status_code=303)
-        return login_page(request, next_url=nxt)
+        tab = "user" if request.query_params.get("tab") == "user" else "key"
+        return login_page(request, next_url=nxt, tab=tab)
 
     @router.post("/login")
     async def login_submit(request: Request) -> Response:
@@ -203,9 +269,37 @@ def mount_ui(api: FastAPI) -> None:
         form = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
         key = (form.get("key") or [""])[0].strip()
         nxt = (form.get("next") or [""])[0]
+        username = (form.get("username") or [""])[0].strip()
+        if username:  # the user + password form
+            token, error, status = await password_login(
+                _state(request), request, username, (form.get("password") or [""])[0]
+            )
+            if token is None:
+                return login_page(request, error=error, next_url=nxt, status=status, tab="user")
+            resp = RedirectResponse(_safe_next(nxt), status_code=303)
+            if request.cookies.get(COOKIE):  # a user sign-in replaces a key's
+                resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+            resp.set_cookie(
+                SESSION_COOKIE,
+                token,
+                max_age=int(SESSION_TTL.total_seconds()),
+                path="/",
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+            )
+            return resp
         if not key:
             return login_page(request, error="Paste an API key to sign in.", next_url=nxt, status=401)
-        if _state(request).keys.lookup(key) is None:
+        found = _state(request).keys.lookup_any(key)
+        if found is not None and found.is_public:
+            return login_page(
+                request,
+                error="A public key (pk-keel-) can only send end-user feedback; sign in with a secret key.",
+                next_url=nxt,
+                status=403,
+            )
+        if found is None:
             return login_page(
                 request,
                 error="That key was not accepted: it is unknown or has been revoked.",
@@ -213,6 +307,8 @@ def mount_ui(api: FastAPI) -> None:
                 status=401,
             )
         resp = RedirectResponse(_safe_next(nxt), status_code=303)
+        if request.cookies.get(SESSION_COOKIE):  # a key sign-in replaces a user's session
+            resp.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         resp.set_cookie(
             COOKIE,
             key,
@@ -227,6 +323,10 @@ def mount_ui(api: FastAPI) -> None:
     @router.api_route("/logout", methods=["GET", "POST"])
     def logout(request: Request) -> Response:
         resp = RedirectResponse("/login", status_code=303)
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            revoke_session(_state(request).store, token)
+            resp.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return resp
 
@@ -276,6 +376,14 @@ def mount_ui(api: FastAPI) -> None:
                 else:
                     end = when
 
+        numbers = _explorer_numbers(params, notices)
+        if "q" in params:
+            try:
+                parse_query(params["q"])
+            except ValueError:
+                notices.append(f"The search {params['q']!r} has no words to look for; ignored.")
+                params.pop("q")
+
         projects: list[dict[str, Any]] = store.list_projects() if p.is_master else []
         project_names = {x["id"]: x["name"] for x in projects}
         if p.is_master:
@@ -292,6 +400,18 @@ def mount_ui(api: FastAPI) -> None:
             tag=params.get("tag"),
             start=start,
             end=end,
+            q=params.get("q"),
+            session=params.get("session"),
+            name=params.get("name"),
+            key_id=params.get("key"),
+            team_id=params.get("team"),
+            provider=params.get("provider"),
+            prompt_name=params.get("prompt"),
+            prompt_version=int(numbers["prompt_version"]) if "prompt_version" in numbers else None,
+            min_latency_ms=numbers.get("min_latency_ms"),
+            max_latency_ms=numbers.get("max_latency_ms"),
+            min_cost_usd=numbers.get("min_cost_usd"),
+            max_cost_usd=numbers.get("max_cost_usd"),
         )
         cursor = q.get("cursor") or None
         try:
@@ -323,6 +443,7 @@ def mount_ui(api: FastAPI) -> None:
             newest_url=_traces_url(params) if cursor else None,
             older_url=_traces_url(params, cursor=next_cursor) if next_cursor else None,
             filtered=filtered,
+            more_filters=any(k in params for k in EXPLORER_KEYS if k != "q"),
             clear_url=_traces_url({"limit": params["limit"]} if "limit" in params else {}),
             range_url=lambda key: _traces_url(params, range=key, start=None, end=None),
             notices=notices,
@@ -359,14 +480,15 @@ def mount_ui(api: FastAPI) -> None:
             details=details,
             selected=selected,
             ttft=ttft,
+            scores=trace_scores(_state(request).store, t["trace_id"]),
             total_ms=max((n.span.get("latency_ms") or 0.0 for n in nodes), default=0.0),
             now=datetime.now(UTC),
         )
 
     api.include_router(router)
     ui = UIContext(render=render, principal=_principal, to_login=_to_login, who=_who, state=_state)
-    for name in PAGE_MODULES:
-        api.include_router(importlib.import_module(name).build(ui))
+    for name in PAGE_MODULES:  # every page's form posts pass the same baseline as /api writes
+        api.include_router(importlib.import_module(name).build(ui), dependencies=[Depends(_ui_writer)])
 
 
 def _span_view(s: dict[str, Any]) -> dict[str, Any]:

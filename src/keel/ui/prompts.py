@@ -1,7 +1,7 @@
 """Prompt registry pages: list, version history with labels (who moved them, when), side-by-side diff,
 label moves and rollbacks, and a playground that runs a version through the gateway.
 
-Writes need the master key (as the API does).  The playground calls the gateway in-process, with
+Writes need what the API's do (keel.server.access).  The playground calls the gateway in-process, with
 the signed-in key, so a run is authenticated, limited, priced and traced like any other request.
 """
 
@@ -21,8 +21,9 @@ from keel.errors import KeelError
 from keel.pricing import price
 from keel.prompts import PromptRegistry, Version
 from keel.prompts.diff import config_text, side_by_side, template_text
+from keel.server.access import can_write
 from keel.store.prompts import PromptStore
-from keel.types import Usage
+from keel.types import Principal, Usage
 from keel.ui.context import UIContext
 
 __all__ = ["build"]
@@ -31,7 +32,17 @@ MAX_FORM_BYTES = 256 * 1024
 
 
 def _registry(ui: UIContext, request: Request) -> PromptRegistry:
-    return PromptRegistry(PromptStore(ui.state(request).store.engine))
+    """The registry of the signed-in principal's project (the master key: the ``default`` project)."""
+    p = ui.principal(request)
+    store = ui.state(request).store
+    pid = p.project_id if p is not None and not p.is_master else store.ensure_project("default")
+    return PromptRegistry(PromptStore(store.engine, pid))
+
+
+def _actor(p: Principal) -> str:
+    if p.user_name:
+        return f"user:{p.user_name}"
+    return "master" if p.is_master else f"{p.name or 'key'} ({p.key_id})"
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -70,7 +81,7 @@ def build(ui: UIContext) -> APIRouter:
     def page(request: Request, tpl: str, **ctx: Any) -> Response:
         p = ui.principal(request)
         assert p is not None
-        return ui.render(request, tpl, who=ui.who(request, p), can_write=p.is_master, **ctx)
+        return ui.render(request, tpl, who=ui.who(request, p), can_write=can_write(p, "prompts"), **ctx)
 
     @r.get("/prompts")
     def list_prompts(request: Request) -> Response:
@@ -149,13 +160,12 @@ def build(ui: UIContext) -> APIRouter:
         back = f"/prompts/{quote(name)}"
         if not _same_origin(request):
             return Response("cross-site form post refused", status_code=403)
-        if not p.is_master:
-            return RedirectResponse(
-                f"{back}?error={quote('Moving labels needs the master key.')}", status_code=303
-            )
+        if not can_write(p, "prompts"):
+            msg = "Moving labels needs the master key, a key with the admin scope or the developer role."
+            return RedirectResponse(f"{back}?error={quote(msg)}", status_code=303)
         try:
             form = await _form(request)
-            notice = await action(form, "master")
+            notice = await action(form, _actor(p))
         except KeelError as err:
             return RedirectResponse(f"{back}?error={quote(err.message)}", status_code=303)
         cache = ui.state(request).gateway.prompts
@@ -238,7 +248,12 @@ def build(ui: UIContext) -> APIRouter:
         model = form.get("model") or version.config.get("model") or (models[0] if models else "")
         values = {v.name: form.get(f"var_{v.name}", "") for v in version.variables}
         result = None
-        if request.method == "POST":
+        if request.method == "POST" and p.user_name is not None:  # the gateway takes keys, not sessions
+            result = {
+                "status": 403,
+                "error": "The playground calls models with an API key: sign in with one.",
+            }
+        elif request.method == "POST":
             key = request.cookies.get("keel_key", "")
             result = await _run(state, name, version, model, values, key)
         return page(

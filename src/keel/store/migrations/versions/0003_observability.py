@@ -1,4 +1,4 @@
-"""observability: scores; prompt name and version on spans and traces
+"""observability: scores; prompt name and version on spans and traces; key kinds; project retention
 
 Revision ID: 0003
 Revises: 0002
@@ -32,6 +32,11 @@ def upgrade() -> None:
     )
     op.create_index("ix_scores_trace", "scores", ["trace_id"])
     op.create_index("ix_scores_project_name_created", "scores", ["project_id", "name", "created_at"])
+    op.create_index("ix_scores_project_created", "scores", ["project_id", "created_at"])
+    with op.batch_alter_table("api_keys") as batch:
+        batch.add_column(sa.Column("kind", sa.String(length=16), nullable=False, server_default="secret"))
+    with op.batch_alter_table("projects") as batch:
+        batch.add_column(sa.Column("retention_days", sa.Float(), nullable=True))
     for table in ("traces", "spans"):
         with op.batch_alter_table(table) as batch:
             batch.add_column(sa.Column("prompt_name", sa.String(length=200), nullable=True))
@@ -45,6 +50,11 @@ def downgrade() -> None:
         with op.batch_alter_table(table) as batch:
             batch.drop_column("prompt_version")
             batch.drop_column("prompt_name")
+    with op.batch_alter_table("projects") as batch:
+        batch.drop_column("retention_days")
+    with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("kind")
+    op.drop_index("ix_scores_project_created", table_name="scores")
     op.drop_index("ix_scores_project_name_created", table_name="scores")
     op.drop_index("ix_scores_trace", table_name="scores")
     op.drop_table("scores")
