@@ -113,7 +113,13 @@ class ChildFailed(Exception):
 
 
 class WriterProcess:
-    """Parent side: start the child, send batches, read acknowledgements (blocking: call from a thread)."""
+    """Parent side: start the child, send batches, read acknowledgements (blocking: call from a thread).
+
+    Two threads may call :meth:`write` at once (the trace writer keeps up to two batches in flight):
+    sends are serialised, and each caller reads its own acknowledgement in the order it sent, so the
+    child always finds the next batch waiting when it commits one. The oldest sender is always the
+    one reading, so the child can always deliver its reply and then read the next batch: no deadlock.
+    """
 
     def __init__(self, url: str, store_bodies: bool, redact_pii: bool = False) -> None:
         self.url = url
@@ -121,7 +127,11 @@ class WriterProcess:
         self.redact_pii = redact_pii
         self._proc: Any = None
         self._conn: Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # sends (and start/stop)
+        self._turn = threading.Condition()  # replies, in send order
+        self._gen = 0  # bumped by start(): callers of an older child give up
+        self._sent = 0
+        self._received = 0
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -134,7 +144,11 @@ class WriterProcess:
         )
         proc.start()
         child.close()
-        self._proc, self._conn = proc, parent
+        with self._lock, self._turn:
+            self._proc, self._conn = proc, parent
+            self._gen += 1
+            self._sent = self._received = 0
+            self._turn.notify_all()
 
     @property
     def alive(self) -> bool:
@@ -142,14 +156,35 @@ class WriterProcess:
 
     def write(self, recs: list[SpanRecord]) -> list[dict[str, Any]]:
         """Send one batch and wait until the child has committed it; returns the compact rows."""
+        blob = encode_records(recs)  # outside the locks: overlaps the child's commit of the other batch
+        failure: BaseException | None = None
         with self._lock:
-            if self._conn is None:
+            conn, gen = self._conn, self._gen
+            if conn is None:
                 raise ChildFailed("writer process not started")
+            ticket = (
+                self._sent
+            )  # under the send lock only: a reader blocked in recv must not stop the next send
+            self._sent += 1
             try:
-                self._conn.send_bytes(encode_records(recs))
-                reply = orjson.loads(self._conn.recv_bytes())
+                conn.send_bytes(blob)
+            except (EOFError, OSError) as exc:
+                failure = exc
+        with self._turn:
+            while self._gen == gen and self._received != ticket:
+                self._turn.wait()
+            if self._gen != gen:
+                raise ChildFailed("writer process was restarted")
+            try:
+                if failure is not None:
+                    raise ChildFailed(f"writer process went away: {failure}")
+                raw = conn.recv_bytes()
             except (EOFError, OSError) as exc:
                 raise ChildFailed(f"writer process went away: {exc}") from None
+            finally:
+                self._received += 1
+                self._turn.notify_all()
+        reply = orjson.loads(raw)
         if not reply.get("ok"):
             raise ChildFailed(str(reply.get("error")))
         rows: list[dict[str, Any]] = reply["rows"]
@@ -166,6 +201,9 @@ class WriterProcess:
                     pass
                 self._conn.close()
                 self._conn = None
+            with self._turn:  # anyone still waiting for a reply of this child gives up
+                self._gen += 1
+                self._turn.notify_all()
             if self._proc is not None:
                 self._proc.join(timeout)
                 if self._proc.is_alive():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -131,6 +132,7 @@ class TraceWriter:
         self._stopping = False
         self._on_batch = on_batch
         self._inflight = 0
+        self._restart_lock = threading.Lock()
 
     @property
     def depth(self) -> int:
@@ -187,6 +189,16 @@ class TraceWriter:
             await self._write_batch()
 
     async def _run(self) -> None:
+        # with a writer process, a second batch may be in flight: it waits in the pipe while the child
+        # commits the first, so the child never idles while this process prepares the next one
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            await self._loop(pending)
+        finally:
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _loop(self, pending: set[asyncio.Task[None]]) -> None:
         while True:
             if not self._q:
                 if self._stopping:
@@ -201,18 +213,29 @@ class TraceWriter:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            try:
-                await self._write_batch()
-            except Exception:  # the loop must survive a bad batch or a database hiccup
-                log.exception("trace writer batch failed")
-                await asyncio.sleep(0.5)
+            if self._process is not None:
+                task = asyncio.get_running_loop().create_task(self._guarded_batch())
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                await asyncio.sleep(0)  # let it take its records off the queue
+                if len(pending) >= 2:
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            await self._guarded_batch()
+
+    async def _guarded_batch(self) -> None:
+        try:
+            await self._write_batch()
+        except Exception:  # the loop must survive a bad batch or a database hiccup
+            log.exception("trace writer batch failed")
+            await asyncio.sleep(0.5)
 
     async def _write_batch(self) -> None:
         n = min(len(self._q), self.batch_size)
         if n == 0:
             return
         recs = [self._q.popleft() for _ in range(n)]
-        self._inflight = n
+        self._inflight += n
         try:
             for attempt in range(5):
                 try:
@@ -233,7 +256,7 @@ class TraceWriter:
             if self._on_batch:
                 self._on_batch(rows)
         finally:
-            self._inflight = 0
+            self._inflight -= n
 
     def _convert_and_write(self, recs: list[SpanRecord]) -> list[dict[str, Any]]:
         proc = self._process
@@ -241,16 +264,18 @@ class TraceWriter:
             try:
                 return proc.write(recs)
             except ChildFailed as exc:
-                if proc.alive:
-                    raise  # a failed batch: retried by the caller
-                log.error("trace writer process died (%s); restarting it", exc)
-                try:
-                    proc.stop(timeout=1)
-                    proc.start()
+                with self._restart_lock:  # two batches in flight may both see the child go
+                    if proc.alive:
+                        raise  # a failed batch (or a child another batch just restarted): retried
+                    log.error("trace writer process died (%s); restarting it", exc)
+                    try:
+                        proc.stop(timeout=1)
+                        proc.start()
+                    except ChildFailed:
+                        log.error("trace writer process cannot run; writing in this process from now on")
+                        self._process = None
+                if self._process is not None:
                     return proc.write(recs)
-                except ChildFailed:
-                    log.error("trace writer process cannot run; writing in this process from now on")
-                    self._process = None
         rows = [span_to_row(r, self.store_bodies, self._redactor) for r in recs]
         self.store.write_spans(rows)
         return rows
