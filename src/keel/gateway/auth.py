@@ -7,13 +7,11 @@ periodically as a safety net.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import logging
-from typing import Any
 
 from keel.store import KeyRow, Store, hash_key
+from keel.store.replicated import ReplicatedCache
 from keel.types import DEFAULT_SCOPES, SCOPES, Principal
 
 __all__ = ["KEYS_CHANNEL", "KeyCache", "bearer_token", "keys_channel"]
@@ -42,8 +40,11 @@ def _default_scopes(kind: str) -> frozenset[str]:
     return frozenset() if kind == "public" else DEFAULT_SCOPES
 
 
-class KeyCache:
+class KeyCache(ReplicatedCache):
     """Answers "who is this key?" from memory."""
+
+    what = "key cache"
+    ping_redis_at_start = True
 
     def __init__(
         self,
@@ -53,18 +54,13 @@ class KeyCache:
         refresh_s: float = 10.0,
         redis_prefix: str = "keel:",
     ) -> None:
+        super().__init__(keys_channel(redis_prefix), redis_url, refresh_s)
         self.store = store
         self._master_hash = hash_key(master_key)
         self._by_hash: dict[str, Principal] = {}
-        self.redis_url = redis_url
-        self.channel = keys_channel(redis_prefix)
-        self.refresh_s = refresh_s
-        self._tasks: list[asyncio.Task[None]] = []
-        self._redis: Any = None
         self.master = Principal(
             key_id=None, project_id=None, is_master=True, name="master", scopes=frozenset(SCOPES)
         )
-        self.reloads = 0
 
     @staticmethod
     def _principal(row: KeyRow) -> Principal:
@@ -101,61 +97,3 @@ class KeyCache:
         if hmac.compare_digest(h, self._master_hash):
             return self.master
         return self._by_hash.get(h)
-
-    async def reload(self) -> None:
-        await asyncio.to_thread(self.load)
-
-    async def changed(self) -> None:
-        """Call after creating or revoking a key: reload here and tell the other replicas."""
-        await self.reload()
-        if self._redis is not None:
-            try:
-                await self._redis.publish(self.channel, b"1")
-            except Exception:
-                log.warning(
-                    "could not publish key change to redis; other replicas refresh within %ss", self.refresh_s
-                )
-
-    async def start(self) -> None:
-        await self.reload()
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._periodic(), name="keel-key-refresh"))
-        if self.redis_url:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(self.redis_url)
-            await self._redis.ping()  # fail fast at start when Redis is configured but unreachable
-            self._tasks.append(loop.create_task(self._listen(), name="keel-key-pubsub"))
-
-    async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks.clear()
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
-
-    async def _periodic(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            try:
-                await self.reload()
-            except Exception:
-                log.exception("key cache refresh failed")
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                pubsub = self._redis.pubsub()
-                await pubsub.subscribe(self.channel)
-                async for msg in pubsub.listen():
-                    if msg.get("type") == "message":
-                        await self.reload()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("redis pub/sub connection lost; retrying")
-                await asyncio.sleep(1.0)

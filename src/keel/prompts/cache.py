@@ -7,11 +7,8 @@ safety net.  Templates are compiled once per version and reused across reloads.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from keel.errors import NotFound
 from keel.prompts.model import LabelState
@@ -19,6 +16,7 @@ from keel.prompts.registry import label_from_dict, version_from_dict
 from keel.prompts.render import CompiledPrompt
 from keel.prompts.selection import choose_version
 from keel.store.prompts import PromptStore
+from keel.store.replicated import ReplicatedCache
 
 __all__ = ["PromptCache", "prompts_channel"]
 
@@ -40,8 +38,10 @@ class _Entry:
     labels: dict[str, LabelState] = field(default_factory=dict)
 
 
-class PromptCache:
+class PromptCache(ReplicatedCache):
     """Answers "which compiled version does this request get?" from memory."""
+
+    what = "prompt cache"
 
     def __init__(
         self,
@@ -50,15 +50,10 @@ class PromptCache:
         refresh_s: float = 5.0,
         redis_prefix: str = "keel:",
     ) -> None:
+        super().__init__(prompts_channel(redis_prefix), redis_url, refresh_s)
         self.store = store
-        self.redis_url = redis_url
-        self.channel = prompts_channel(redis_prefix)
-        self.refresh_s = refresh_s
         self._by_name: dict[tuple[str | None, str], _Entry] = {}  # (project id, prompt name)
         self.default_project: str | None = None  # where the master key's requests resolve prompts
-        self._tasks: list[asyncio.Task[None]] = []
-        self._redis: Any = None
-        self.reloads = 0
 
     def load(self) -> None:
         """(Re)load every prompt; unchanged versions keep their compiled templates."""
@@ -122,60 +117,3 @@ class PromptCache:
                 param="prompt_version",
             )
         return compiled
-
-    async def reload(self) -> None:
-        await asyncio.to_thread(self.load)
-
-    async def changed(self) -> None:
-        """Call after a write: reload here and tell the other replicas."""
-        await self.reload()
-        if self._redis is not None:
-            try:
-                await self._redis.publish(self.channel, b"1")
-            except Exception:
-                log.warning(
-                    "could not publish a prompt change; other replicas refresh within %ss", self.refresh_s
-                )
-
-    async def start(self) -> None:
-        await self.reload()
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._periodic(), name="keel-prompt-refresh"))
-        if self.redis_url:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(self.redis_url)
-            self._tasks.append(loop.create_task(self._listen(), name="keel-prompt-pubsub"))
-
-    async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks.clear()
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
-
-    async def _periodic(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            try:
-                await self.reload()
-            except Exception:
-                log.exception("prompt cache refresh failed")
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                pubsub = self._redis.pubsub()
-                await pubsub.subscribe(self.channel)
-                async for msg in pubsub.listen():
-                    if msg.get("type") == "message":
-                        await self.reload()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("redis pub/sub connection lost; retrying")
-                await asyncio.sleep(1.0)
