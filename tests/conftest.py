@@ -39,6 +39,18 @@ BACKENDS = [
     b.strip() for b in os.environ.get("KEEL_TEST_BACKENDS", "sqlite,postgresql").split(",") if b.strip()
 ]
 MASTER_KEY = "sk-keel-master-test-0123456789"
+# the UI tests drive Debian's chromium (nothing is downloaded by Playwright)
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+UI_TIMEOUT_MS = 15_000
 # one Redis namespace per test session: concurrent sessions on one Redis never see each other's state
 REDIS_PREFIX = f"keel-test-{uuid.uuid4().hex[:8]}:"
 
@@ -256,3 +268,40 @@ def keel(
     finally:
         k.http.close()
         server.stop()
+
+
+# -- the browser, for the UI tests ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS, timeout=30_000)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser context (no cookies) per test; fails the test on JS errors or CSP violations."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+    ctx.set_default_timeout(UI_TIMEOUT_MS)
+    ctx.set_default_navigation_timeout(UI_TIMEOUT_MS)
+    pg = ctx.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+
+    def on_console(msg: Any) -> None:
+        if msg.type == "error" and "Content Security Policy" in msg.text:
+            problems.append(f"CSP violation: {msg.text}")
+
+    pg.on("console", on_console)
+    try:
+        yield pg
+    finally:
+        ctx.close()
+    assert not problems, problems

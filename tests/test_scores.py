@@ -19,13 +19,9 @@ import anthropic
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Page
 
 from tests.conftest import BACKENDS, Keel, make_keel
-
-CHROMIUM = "/usr/bin/chromium"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -454,27 +450,6 @@ def strict_keel(
     finally:
         k.http.close()
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS, timeout=30_000)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    ctx = browser.new_context()
-    ctx.set_default_timeout(15_000)
-    pg = ctx.new_page()
-    try:
-        yield pg
-    finally:
-        ctx.close()
 
 
 def _pk(k: Keel) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,23 +17,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+from playwright.sync_api import Page
 
 from keel.ui.views import build_span_tree, fmt_cost, fmt_ms, input_messages, output_messages
+from tests.conftest import UI_TIMEOUT_MS
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(180)]
 
-CHROMIUM = "/usr/bin/chromium"
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-UI_TIMEOUT_MS = 15_000
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WEATHER_TOOL = {
     "type": "function",
@@ -51,38 +40,6 @@ WEATHER_TOOL = {
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS, timeout=30_000)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh browser context (no cookies) per test; fails the test on JS errors or CSP violations."""
-    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-    ctx.set_default_timeout(UI_TIMEOUT_MS)
-    ctx.set_default_navigation_timeout(UI_TIMEOUT_MS)
-    pg = ctx.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-
-    def on_console(msg: ConsoleMessage) -> None:
-        if msg.type == "error" and "Content Security Policy" in msg.text:
-            problems.append(f"CSP violation: {msg.text}")
-
-    pg.on("console", on_console)
-    try:
-        yield pg
-    finally:
-        ctx.close()
-    assert not problems, problems
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import Page
 
 from keel.ui.views import fmt_cost
-from tests.test_ui import browser, login, page, shot  # noqa: F401  (fixtures)
+from tests.test_ui import login, shot
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(180)]
 
@@ -30,7 +30,7 @@ def _usage(keel: Any, key: str, group_by: str) -> dict[str, Any]:
     return dict(r.json())
 
 
-def test_cost_page_shows_what_the_api_counts(page: Page, keel: Any) -> None:  # noqa: F811
+def test_cost_page_shows_what_the_api_counts(page: Page, keel: Any) -> None:
     project = "costui-" + uuid.uuid4().hex[:6]
     assert keel.http.post("/api/teams", json={"project": project, "name": "search"}).status_code == 201
     created = keel.http.post(
@@ -91,7 +91,7 @@ def test_cost_page_shows_what_the_api_counts(page: Page, keel: Any) -> None:  # 
     assert page.locator("[data-testid=cost-bar]").count() in (24, 25)
 
 
-def test_master_sees_every_project_and_can_narrow(page: Page, keel: Any) -> None:  # noqa: F811
+def test_master_sees_every_project_and_can_narrow(page: Page, keel: Any) -> None:
     project = "costm-" + uuid.uuid4().hex[:6]
     key = keel.create_key(project=project)["key"]
     _spend(keel, key, "cheap", "carol", 1)

@@ -7,50 +7,16 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from keel.evals import EvalClient, execute_suite, parse_suite
 from tests.conftest import Keel
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(240)]
-
-CHROMIUM = "/usr/bin/chromium"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS, timeout=30_000)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-    ctx.set_default_timeout(15_000)
-    pg = ctx.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-
-    def on_console(msg: ConsoleMessage) -> None:
-        if msg.type == "error" and "Content Security Policy" in msg.text:
-            problems.append(f"CSP violation: {msg.text}")
-
-    pg.on("console", on_console)
-    try:
-        yield pg
-    finally:
-        ctx.close()
-    assert not problems, problems
 
 
 def login(page: Page, keel: Keel) -> None:
